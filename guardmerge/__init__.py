@@ -1,0 +1,56 @@
+"""guardmerge: one merged multi-head guard model around an LLM chat.
+
+The public API is exactly ``__all__``; every module is an implementation detail.
+"""
+
+__version__ = "0.1.0"
+
+from .bundle import BundleInfo, inspect_bundle
+from .chunking import Window
+from .classifier import BundleClassifier, Classifier, FunctionClassifier, HeadScores, TextScores
+from .exceptions import (
+    BlockedError,
+    ClassifierError,
+    ConfigError,
+    GuardmergeError,
+    MergeError,
+    ModelLoadError,
+    PolicyError,
+    PromptBlockedError,
+    RecipeError,
+    ResponseBlockedError,
+)
+from .guard import Guard
+from .labels import Head
+from .policy import Policy, Rule, load_policy
+from .verdict import Action, Finding, Verdict
+
+__all__ = [
+    "__version__",
+    "Action",
+    "BlockedError",
+    "BundleClassifier",
+    "BundleInfo",
+    "Classifier",
+    "ClassifierError",
+    "ConfigError",
+    "Finding",
+    "FunctionClassifier",
+    "Guard",
+    "GuardmergeError",
+    "Head",
+    "HeadScores",
+    "MergeError",
+    "ModelLoadError",
+    "Policy",
+    "PolicyError",
+    "PromptBlockedError",
+    "RecipeError",
+    "ResponseBlockedError",
+    "Rule",
+    "TextScores",
+    "Verdict",
+    "Window",
+    "inspect_bundle",
+    "load_policy",
+]

@@ -1,0 +1,376 @@
+"""The multi-head guard runtime: one model, all heads, every window of a call in one pass.
+
+``BundleClassifier.classify(texts)`` tokenises each text once, cuts it into overlapping windows,
+runs all windows of all texts as length-sorted, dynamically padded batches, applies softmax to
+each head's slice of the logits separately, and keeps, per label, the maximum over windows and
+the window that gave it. ``FunctionClassifier`` is a model-free stand-in with the same interface,
+for tests and for wiring checks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .bundle import BundleInfo, inspect_bundle
+from .chunking import Window, plan_windows
+from .exceptions import ClassifierError, ModelLoadError
+from .labels import Head, heads_from_layout
+
+__all__ = [
+    "Classifier",
+    "BundleClassifier",
+    "FunctionClassifier",
+    "TextScores",
+    "HeadScores",
+    "per_head_softmax",
+    "resolve_dtype",
+]
+
+logger = logging.getLogger("guardmerge.classifier")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32" | "bfloat16" | "auto" | torch.dtype`` -> torch dtype.
+
+    ``auto`` picks bfloat16 where the CPU has native bf16 support (AVX512-BF16 / AMX), which is
+    several times faster than fp32 for BERT-size models, and float32 elsewhere.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        try:
+            fast = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except Exception:  # pragma: no cover - older builds
+            fast = False
+        return torch.bfloat16 if fast else torch.float32
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or auto") from None
+
+
+@dataclass
+class HeadScores:
+    """One head's result for one text.
+
+    ``window_probs[w]`` is the softmax over this head's labels for window ``w`` (sums to 1).
+    ``scores[label]`` is the label's maximum over windows and ``windows[label]`` the window that
+    gave it. For a text that fits one window, ``scores`` is that window's distribution.
+    """
+
+    head: str
+    labels: tuple[str, ...]
+    scores: dict[str, float]
+    windows: dict[str, int]
+    window_probs: list[dict[str, float]]
+
+    @property
+    def top(self) -> tuple[str, float]:
+        label = max(self.labels, key=lambda lab: self.scores[lab])
+        return label, self.scores[label]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scores": dict(self.scores), "windows": dict(self.windows)}
+
+
+@dataclass
+class TextScores:
+    """Every head's scores for one text, and the windows it was cut into."""
+
+    text_index: int
+    n_tokens: int
+    scanned_tokens: int
+    windows: list[Window]
+    heads: dict[str, HeadScores]
+    text_length: int = 0
+
+    @property
+    def truncated(self) -> bool:
+        """True when the text was longer than the token budget and only its start was scored."""
+        return self.scanned_tokens < self.n_tokens
+
+    @property
+    def scanned_chars(self) -> int:
+        return max((w.char_end for w in self.windows), default=0)
+
+    def score(self, head: str, label: str) -> float:
+        return self.heads[head].scores[label]
+
+    def window_for(self, head: str, label: str) -> Window:
+        return self.windows[self.heads[head].windows[label]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_tokens": self.n_tokens,
+            "scanned_tokens": self.scanned_tokens,
+            "windows": [w.to_dict() for w in self.windows],
+            "heads": {name: hs.to_dict() for name, hs in self.heads.items()},
+        }
+
+
+class Classifier:
+    """Interface every guard model implements (subclass it for a custom model)."""
+
+    heads: tuple[Head, ...] = ()
+    #: identifies the weights (used to key caches); two classifiers with the same id score alike
+    fingerprint: str = ""
+
+    def classify(self, texts: Sequence[str], *, max_tokens: int | None = None) -> list[TextScores]:
+        raise NotImplementedError
+
+    def head(self, name: str) -> Head:
+        for h in self.heads:
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+
+def per_head_softmax(logits: torch.Tensor, heads: Sequence[Head]) -> torch.Tensor:
+    """Softmax over each head's slice of the last dimension separately (float32 result)."""
+    logits = logits.float()
+    out = torch.empty_like(logits)
+    for h in heads:
+        out[..., h.offset:h.stop] = torch.softmax(logits[..., h.offset:h.stop], dim=-1)
+    return out
+
+
+def _aggregate(text_index: int, windows: list[Window], probs: list[torch.Tensor],
+               heads: Sequence[Head], n_tokens: int, scanned: int, length: int) -> TextScores:
+    stacked = torch.stack(probs) if probs else torch.zeros(0, sum(h.size for h in heads))
+    result: dict[str, HeadScores] = {}
+    for h in heads:
+        part = stacked[:, h.offset:h.stop]
+        best, arg = part.max(dim=0)
+        rows = part.tolist()
+        result[h.name] = HeadScores(
+            head=h.name,
+            labels=h.labels,
+            scores={lab: float(best[j]) for j, lab in enumerate(h.labels)},
+            windows={lab: int(arg[j]) for j, lab in enumerate(h.labels)},
+            window_probs=[dict(zip(h.labels, row)) for row in rows],
+        )
+    return TextScores(text_index=text_index, n_tokens=n_tokens, scanned_tokens=scanned,
+                      windows=windows, heads=result, text_length=length)
+
+
+@dataclass
+class RuntimeStats:
+    """Counters (thread-safe): calls, texts, windows and batched forward passes run."""
+
+    calls: int = 0
+    texts: int = 0
+    windows: int = 0
+    forward_passes: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, texts: int, windows: int, passes: int) -> None:
+        with self._lock:
+            self.calls += 1
+            self.texts += texts
+            self.windows += windows
+            self.forward_passes += passes
+
+
+class BundleClassifier(Classifier):
+    """A loaded guard bundle. Thread-safe: load once, call from many threads."""
+
+    def __init__(self, model: Any, tokenizer: Any, heads: Sequence[Head], *,
+                 info: BundleInfo | None = None, max_length: int = 512, overlap: int = 64,
+                 batch_size: int = 8) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.heads = tuple(heads)
+        self.info = info
+        self.max_length = int(max_length)
+        self.window_tokens = self.max_length - 2
+        if not 0 <= overlap < self.window_tokens:
+            raise ValueError(f"overlap must be in [0, {self.window_tokens - 1}], got {overlap}")
+        self.overlap = int(overlap)
+        self.batch_size = int(batch_size)
+        self.stats = RuntimeStats()
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ModelLoadError("guardmerge needs a fast (tokenizers-backed) tokenizer with offsets")
+        # A private copy with no truncation / padding: encode_batch on it never mutates state,
+        # so several threads may tokenise at once.
+        from tokenizers import Tokenizer
+
+        self._encoder = Tokenizer.from_str(backend.to_str())
+        self._encoder.no_truncation()
+        self._encoder.no_padding()
+        self.cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        self.sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        if self.cls_id is None or self.sep_id is None:
+            raise ModelLoadError("tokenizer has no CLS/SEP (or BOS/EOS) special tokens")
+        self.dtype = next(model.parameters()).dtype
+        path = str(info.path) if info else ""
+        self.fingerprint = f"{path}|{self.dtype}|{self.max_length}|{self.overlap}"
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike[str], *, revision: str | None = None,
+                        dtype: str | torch.dtype = "float32", threads: int | None = None,
+                        batch_size: int = 8, overlap: int = 64,
+                        max_length: int | None = None) -> "BundleClassifier":
+        """Load a bundle (local folder or Hub id), validated, in ``dtype`` (float32 / bfloat16 / auto).
+
+        ``threads`` sets torch's intra-op thread count (process-wide, as torch defines it).
+        """
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        info = inspect_bundle(model, revision=revision)
+        torch_dtype = resolve_dtype(dtype)
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(int(threads))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(info.path, trust_remote_code=False)
+        except Exception as exc:
+            raise ModelLoadError(f"{info.path}: cannot load the tokenizer: {exc}") from exc
+        try:
+            net = AutoModelForSequenceClassification.from_pretrained(
+                info.path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=False)
+        except Exception as exc:
+            raise ModelLoadError(f"{info.path}: cannot load the model: {exc}") from exc
+        net.eval()
+        config_max = int(getattr(net.config, "max_position_embeddings", 512) or 512)
+        if net.config.model_type in {"roberta", "xlm-roberta", "camembert"}:
+            config_max -= 2  # position ids start after the padding index
+        tok_max = int(getattr(tokenizer, "model_max_length", config_max) or config_max)
+        limit = min(config_max, tok_max if tok_max < 1_000_000 else config_max)
+        if max_length is not None:
+            if max_length > limit or max_length < 3:
+                raise ValueError(f"max_length must be in [3, {limit}] for this model")
+            limit = max_length
+        overlap = min(overlap, max(0, limit - 3))
+        logger.info("loaded bundle %s: heads=%s dtype=%s max_length=%d", info.path,
+                    [h.name for h in info.heads], torch_dtype, limit)
+        return cls(net, tokenizer, info.heads, info=info, max_length=limit, overlap=overlap,
+                   batch_size=batch_size)
+
+    # -- the hot path ------------------------------------------------------------------------
+
+    def classify(self, texts: Sequence[str], *, max_tokens: int | None = None) -> list[TextScores]:
+        """Score every text on every head. ``max_tokens``: score only each text's first N tokens."""
+        if isinstance(texts, str):
+            raise TypeError("classify() takes a sequence of texts, not a single string")
+        texts = list(texts)
+        if not texts:
+            return []
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}] is {type(t).__name__}, expected str")
+        try:
+            encodings = self._encoder.encode_batch(texts, add_special_tokens=False)
+        except Exception as exc:
+            raise ClassifierError(f"tokenisation failed: {exc}") from exc
+
+        items: list[tuple[int, int, list[int]]] = []  # (text, window, ids)
+        per_text: list[tuple[list[Window], int, int]] = []
+        for ti, enc in enumerate(encodings):
+            ids, offsets = enc.ids, enc.offsets
+            n = len(ids)
+            scan = n if max_tokens is None else min(n, max_tokens)
+            windows = []
+            for wi, (s, e) in enumerate(plan_windows(scan, self.window_tokens, self.overlap)):
+                cs = offsets[s][0] if e > s else 0
+                ce = offsets[e - 1][1] if e > s else 0
+                windows.append(Window(ti, wi, s, e, cs, ce))
+                items.append((ti, wi, [self.cls_id, *ids[s:e], self.sep_id]))
+            per_text.append((windows, n, scan))
+
+        probs = self._run(items)
+        out = []
+        for ti, (windows, n, scan) in enumerate(per_text):
+            rows = [probs[(ti, w.index)] for w in windows]
+            out.append(_aggregate(ti, windows, rows, self.heads, n, scan, len(texts[ti])))
+        return out
+
+    def _run(self, items: list[tuple[int, int, list[int]]]) -> dict[tuple[int, int], torch.Tensor]:
+        order = sorted(range(len(items)), key=lambda k: -len(items[k][2]))
+        results: dict[tuple[int, int], torch.Tensor] = {}
+        passes = 0
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(order), self.batch_size):
+                    batch = [items[k] for k in order[start:start + self.batch_size]]
+                    width = len(batch[0][2])
+                    input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+                    mask = torch.zeros((len(batch), width), dtype=torch.long)
+                    for row, (_, _, ids) in enumerate(batch):
+                        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+                        mask[row, :len(ids)] = 1
+                    logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+                    passes += 1
+                    probs = per_head_softmax(logits, self.heads)
+                    for row, (ti, wi, _) in enumerate(batch):
+                        results[(ti, wi)] = probs[row]
+        except Exception as exc:
+            raise ClassifierError(f"guard model forward pass failed: {exc}") from exc
+        self.stats.add(len({ti for ti, _, _ in items}), len(items), passes)
+        return results
+
+
+class FunctionClassifier(Classifier):
+    """A model-free classifier: ``fn(text) -> {head: {label: probability}}``.
+
+    For tests and wiring checks, the way ``httpx.MockTransport`` stands in for a network. The
+    text is one window; its token count is its whitespace-separated word count.
+
+    >>> clf = FunctionClassifier({"jb": ["benign", "jailbreak"]},
+    ...     lambda t: {"jb": {"jailbreak": 0.99 if "ignore previous" in t else 0.01}})
+    """
+
+    def __init__(self, heads: Mapping[str, Sequence[str]] | Sequence[Head],
+                 fn: Callable[[str], Mapping[str, Mapping[str, float]]], *,
+                 name: str = "function") -> None:
+        if isinstance(heads, Mapping):
+            self.heads = heads_from_layout(heads.items())
+        else:
+            self.heads = tuple(heads)
+        self.fn = fn
+        self.fingerprint = f"function:{name}:{id(fn)}"
+        self.stats = RuntimeStats()
+
+    def classify(self, texts: Sequence[str], *, max_tokens: int | None = None) -> list[TextScores]:
+        out = []
+        for ti, text in enumerate(texts):
+            words = text.split()
+            n = len(words)
+            scan_text = text
+            scanned = n
+            if max_tokens is not None and n > max_tokens:
+                scanned = max_tokens
+                # character end of the last scanned word
+                pos = 0
+                for w in words[:max_tokens]:
+                    pos = text.index(w, pos) + len(w)
+                scan_text = text[:pos]
+            raw = self.fn(scan_text) or {}
+            row = torch.zeros(sum(h.size for h in self.heads), dtype=torch.float64)
+            for h in self.heads:
+                given = dict(raw.get(h.name, {}))
+                unknown = set(given) - set(h.labels)
+                if unknown:
+                    raise ClassifierError(f"function returned unknown labels {sorted(unknown)} "
+                                          f"for head {h.name!r}")
+                rest = [lab for lab in h.labels if lab not in given]
+                left = max(0.0, 1.0 - sum(given.values()))
+                for j, lab in enumerate(h.labels):
+                    row[h.offset + j] = given.get(lab, left / len(rest) if rest else 0.0)
+            window = Window(ti, 0, 0, scanned, 0, len(scan_text))
+            out.append(_aggregate(ti, [window], [row], self.heads, n, scanned, len(text)))
+        self.stats.add(len(out), len(out), 1 if out else 0)
+        return out

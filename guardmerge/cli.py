@@ -1,0 +1,268 @@
+"""The ``guardmerge`` command: a thin shell over the library. ``main(argv) -> exit code``.
+
+Exit codes: 0 pass, 3 flag, 4 block (``scan``); 2 usage or configuration error; 1 other error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .exceptions import ConfigError, GuardmergeError, ModelLoadError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_FLAG = 3
+EXIT_BLOCK = 4
+
+logger = logging.getLogger("guardmerge.cli")
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = _Parser(prog="guardmerge", description="Merged multi-head guard models for LLM chats.")
+    p.add_argument("--version", action="version", version=f"guardmerge {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    s = sub.add_parser("scan", help="check a text with a bundle and a policy")
+    s.add_argument("text", nargs="?", default="-",
+                   help="the text, '-' for standard input (default), or @FILE")
+    s.add_argument("--bundle", required=True, help="guard bundle folder or Hub id")
+    s.add_argument("--policy", required=True, help="policy YAML file")
+    s.add_argument("--direction", choices=("input", "output"), default="input")
+    s.add_argument("--role", default=None, help="message role (default: user / assistant)")
+    s.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    s.add_argument("--scores", action="store_true", help="also print every head's scores")
+    _add_runtime_options(s)
+
+    i = sub.add_parser("inspect", help="show a bundle's heads, labels, recipe and sizes")
+    i.add_argument("bundle")
+    i.add_argument("--json", action="store_true")
+
+    pol = sub.add_parser("policy", help="policy tools")
+    pol_sub = pol.add_subparsers(dest="policy_command", metavar="ACTION", parser_class=_Parser)
+    pc = pol_sub.add_parser("check", help="validate policy files")
+    pc.add_argument("files", nargs="+")
+    pc.add_argument("--bundle", help="also check heads and labels against this bundle")
+
+    m = sub.add_parser("merge", help="HM3-merge classifiers into a guard bundle")
+    m.add_argument("recipe", help="merge recipe YAML")
+    m.add_argument("-o", "--output", required=True, help="bundle folder to write")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    m.add_argument("--no-progress", action="store_true")
+
+    b = sub.add_parser("bench", help="benchmarks (not tests): runtime, merge")
+    b_sub = b.add_subparsers(dest="bench_command", metavar="WHICH", parser_class=_Parser)
+    br = b_sub.add_parser("runtime", help="window latency / throughput, fp32 vs bf16")
+    br.add_argument("--layers", type=int, default=12)
+    br.add_argument("--hidden", type=int, default=768)
+    br.add_argument("--heads", type=int, default=12)
+    br.add_argument("--intermediate", type=int, default=3072)
+    br.add_argument("--repeats", type=int, default=5)
+    br.add_argument("--long-tokens", type=int, default=20000)
+    br.add_argument("--dtypes", default="float32,bfloat16")
+    br.add_argument("--threads", type=int, default=None)
+    bm = b_sub.add_parser("merge", help="merge wall time and peak RSS, optionally vs mergekit")
+    bm.add_argument("--layers", type=int, default=12)
+    bm.add_argument("--hidden", type=int, default=768)
+    bm.add_argument("--methods", default="ties,dare_ties")
+    bm.add_argument("--mergekit", default=None,
+                    help="path to a mergekit-yaml executable (in its own venv) to compare with")
+    bm.add_argument("--workdir", default=None, help="keep inputs/outputs here (default: temp)")
+    return p
+
+
+def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--overlap", type=int, default=64, help="tokens shared by adjacent windows")
+
+
+def _read_text(arg: str) -> str:
+    if arg == "-":
+        return sys.stdin.read()
+    if arg.startswith("@"):
+        path = Path(arg[1:])
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise _UsageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    return arg
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    from .classifier import BundleClassifier
+    from .guard import Guard
+    from .policy import Policy
+
+    text = _read_text(args.text)
+    policy = Policy.load(args.policy)
+    clf = BundleClassifier.from_pretrained(args.bundle, dtype=args.dtype, threads=args.threads,
+                                           batch_size=args.batch_size, overlap=args.overlap)
+    guard = Guard(clf, policy, include_scores=args.scores or args.json)
+    verdict = guard.check_text(text, direction=args.direction, role=args.role)
+    if args.json:
+        print(verdict.to_json(indent=2))
+    else:
+        print(f"{verdict.action.value.upper()}  ({args.direction}, policy {policy.name})")
+        for f in verdict.findings:
+            line = f"  {f.describe()}"
+            if f.span:
+                snippet = text[f.span[0]:f.span[1]].replace("\n", " ")
+                if len(snippet) > 70:
+                    snippet = snippet[:33] + " ... " + snippet[-32:]
+                line += f'  "{snippet}"'
+            print(line)
+        if args.scores and verdict.scores:
+            for head, labels in verdict.scores[0].items():
+                print(f"  {head}: " + ", ".join(f"{k}={v:.3f}" for k, v in labels.items()))
+    return {"pass": EXIT_OK, "flag": EXIT_FLAG, "block": EXIT_BLOCK}[verdict.action.value]
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .bundle import inspect_bundle
+
+    info = inspect_bundle(args.bundle)
+    data: dict[str, Any] = {
+        "path": str(info.path),
+        "model_type": info.config.get("model_type"),
+        "num_labels": info.num_labels,
+        "parameters": info.num_parameters,
+        "weight_bytes": info.weight_bytes,
+        "dtypes": info.weight_dtypes,
+        "layers": info.config.get("num_hidden_layers", info.config.get("n_layers")),
+        "hidden_size": info.config.get("hidden_size", info.config.get("dim")),
+        "manifest": info.manifest is not None,
+        "heads": [h.to_dict() for h in info.heads],
+        "recipe": info.recipe,
+    }
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    print(f"bundle     {data['path']}")
+    print(f"model      {data['model_type']}, {data['layers']} layers, hidden {data['hidden_size']}, "
+          f"{data['parameters'] / 1e6:.2f}M parameters, {data['weight_bytes'] / 2**20:.1f} MiB "
+          f"({', '.join(data['dtypes'])})")
+    if not info.manifest:
+        print("manifest   none (a plain single-head classifier)")
+    print(f"heads      {len(info.heads)} heads, {info.num_labels} labels")
+    for h in info.heads:
+        src = f"  <- {h.source}" if h.source else ""
+        rev = f"@{h.revision[:12]}" if h.revision else ""
+        print(f"  {h.name:<16} [{h.offset}:{h.stop}] {', '.join(h.labels)}{src}{rev}")
+    recipe = info.recipe
+    if recipe:
+        print(f"recipe     method={recipe.get('method')} seed={recipe.get('seed')} "
+              f"head_mode={recipe.get('head_mode')} dtype={recipe.get('dtype')}")
+        for m in recipe.get("models", []):
+            print(f"  {m.get('head', '?'):<16} weight={m.get('weight')} density={m.get('density')} "
+                  f"<- {m.get('model')}")
+    return EXIT_OK
+
+
+def _cmd_policy_check(args: argparse.Namespace) -> int:
+    from .bundle import inspect_bundle
+    from .policy import Policy
+
+    heads = inspect_bundle(args.bundle).heads if args.bundle else None
+    failed = 0
+    for f in args.files:
+        try:
+            pol = Policy.load(f, heads=heads)
+        except ConfigError as exc:
+            failed += 1
+            print(str(exc), file=sys.stderr)
+            continue
+        n_rules = len(pol.input.rules) + len(pol.output.rules)
+        print(f"{f}: ok ({pol.name}: {len(pol.input.rules)} input, {len(pol.output.rules)} output "
+              f"rules{', checked against ' + args.bundle if args.bundle else ''})"
+              if n_rules else f"{f}: ok")
+    return EXIT_USAGE if failed else EXIT_OK
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import merge_from_recipe
+
+    out = merge_from_recipe(args.recipe, args.output, overwrite=args.overwrite,
+                            progress=not args.no_progress)
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import _bench
+
+    if args.bench_command == "runtime":
+        _bench.runtime(layers=args.layers, hidden=args.hidden, heads=args.heads,
+                       intermediate=args.intermediate, repeats=args.repeats,
+                       long_tokens=args.long_tokens, dtypes=args.dtypes.split(","),
+                       threads=args.threads)
+        return EXIT_OK
+    if args.bench_command == "merge":
+        _bench.merge(layers=args.layers, hidden=args.hidden, methods=args.methods.split(","),
+                     mergekit=args.mergekit, workdir=args.workdir)
+        return EXIT_OK
+    raise _UsageError("guardmerge bench: choose runtime or merge")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"scan": _cmd_scan, "inspect": _cmd_inspect, "merge": _cmd_merge,
+                "bench": _cmd_bench}
+    try:
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        if args.command == "policy":
+            if args.policy_command != "check":
+                raise _UsageError("guardmerge policy: choose an action (check)")
+            return _cmd_policy_check(args)
+        return handlers[args.command](args)
+    except _UsageError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    except (ConfigError, ModelLoadError) as exc:
+        if args.verbose:
+            logger.exception("failed")
+        print(f"guardmerge: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except GuardmergeError as exc:
+        if args.verbose:
+            logger.exception("failed")
+        print(f"guardmerge: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("guardmerge: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(f"guardmerge: error: {type(exc).__name__}: {exc} (run with -v for details)",
+              file=sys.stderr)
+        return EXIT_ERROR

@@ -1,0 +1,98 @@
+"""The guardmerge exception tree.
+
+Every error the library raises on purpose derives from :class:`GuardmergeError`, so callers can
+catch one type. Third-party errors (transformers, safetensors, yaml, httpx) are translated at the
+boundary where they happen, with ``raise ... from exc`` so the original stays attached::
+
+    GuardmergeError
+    ├── ConfigError              bad user configuration; names the file and the key path
+    │   ├── PolicyError          a YAML policy is invalid, or does not fit the bundle's heads
+    │   └── RecipeError          a merge recipe is invalid
+    ├── ModelLoadError           a bundle / model folder is missing, corrupt or inconsistent
+    ├── MergeError               sources cannot be merged (shapes, names, configs, vocabularies)
+    ├── ClassifierError          the guard model failed while scoring text (run time)
+    └── BlockedError             a guarded call was blocked by the policy (carries the verdict)
+        ├── PromptBlockedError   ... on the way in (the upstream model was never called)
+        └── ResponseBlockedError ... on the way out
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .verdict import Verdict
+
+__all__ = [
+    "GuardmergeError",
+    "ConfigError",
+    "PolicyError",
+    "RecipeError",
+    "ModelLoadError",
+    "MergeError",
+    "ClassifierError",
+    "BlockedError",
+    "PromptBlockedError",
+    "ResponseBlockedError",
+]
+
+
+class GuardmergeError(Exception):
+    """Root of every error guardmerge raises on purpose."""
+
+
+class ConfigError(GuardmergeError):
+    """A configuration file or value is invalid.
+
+    ``problems`` lists every problem found (each already prefixed with ``file: key.path:``), so a
+    user fixes them all in one go instead of one per run.
+    """
+
+    def __init__(self, problems: str | Iterable[str], *, source: str | None = None) -> None:
+        if isinstance(problems, str):
+            problems = [problems]
+        self.problems: list[str] = list(problems)
+        self.source = source
+        if len(self.problems) == 1:
+            message = self.problems[0]
+        else:
+            message = f"{len(self.problems)} problems:\n" + "\n".join(
+                f"  - {p}" for p in self.problems
+            )
+        super().__init__(message)
+
+
+class PolicyError(ConfigError):
+    """A policy file is invalid or refers to heads / labels the bundle does not have."""
+
+
+class RecipeError(ConfigError):
+    """A merge recipe is invalid."""
+
+
+class ModelLoadError(GuardmergeError):
+    """A guard bundle or model folder cannot be loaded; the message names the file and problem."""
+
+
+class MergeError(GuardmergeError):
+    """Source models cannot be merged; the message names the model and tensor."""
+
+
+class ClassifierError(GuardmergeError):
+    """The guard model failed while scoring text."""
+
+
+class BlockedError(GuardmergeError):
+    """A guarded call was blocked by the policy. ``verdict`` holds the findings."""
+
+    def __init__(self, verdict: "Verdict", message: str | None = None) -> None:
+        self.verdict = verdict
+        super().__init__(message or verdict.summary())
+
+
+class PromptBlockedError(BlockedError):
+    """The prompt was blocked; the upstream model was not called."""
+
+
+class ResponseBlockedError(BlockedError):
+    """The model's response was blocked."""

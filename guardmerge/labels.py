@@ -1,0 +1,99 @@
+"""Guard heads: named slices of one model's logits, each with its own label space."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+__all__ = ["Head", "qualified_label", "split_qualified", "check_heads", "heads_from_layout"]
+
+SEPARATOR = ":"
+
+
+@dataclass(frozen=True)
+class Head:
+    """One guard head: ``labels`` occupy logits ``offset .. offset + len(labels)``."""
+
+    name: str
+    labels: tuple[str, ...]
+    offset: int = 0
+    source: str | None = None
+    revision: str | None = None
+    sha256: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.labels)
+
+    @property
+    def stop(self) -> int:
+        return self.offset + len(self.labels)
+
+    def qualified(self) -> list[str]:
+        return [qualified_label(self.name, label) for label in self.labels]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "labels": list(self.labels), "offset": self.offset}
+        source = {"id": self.source, "revision": self.revision, "sha256": self.sha256}
+        if any(v is not None for v in source.values()):
+            out["source"] = source
+        out.update(dict(self.extra))
+        return out
+
+
+def qualified_label(head: str, label: str) -> str:
+    """``("hate", "normal") -> "hate:normal"``: the unique name used in ``config.json``."""
+    return f"{head}{SEPARATOR}{label}"
+
+
+def split_qualified(name: str) -> tuple[str, str]:
+    head, sep, label = name.partition(SEPARATOR)
+    if not sep:
+        raise ValueError(f"{name!r} is not a 'head:label' name")
+    return head, label
+
+
+def check_heads(heads: Sequence[Head], num_labels: int | None = None) -> list[str]:
+    """Return every problem with a head layout (empty list when it is valid)."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    expected_offset = 0
+    for i, head in enumerate(heads):
+        where = f"heads[{i}] ({head.name!r})"
+        if not head.name or not isinstance(head.name, str):
+            problems.append(f"heads[{i}]: head name must be a non-empty string")
+        elif SEPARATOR in head.name:
+            problems.append(f"{where}: head name must not contain {SEPARATOR!r}")
+        if head.name in seen:
+            problems.append(f"{where}: duplicate head name")
+        seen.add(head.name)
+        if not head.labels:
+            problems.append(f"{where}: has no labels")
+        dupes = sorted({lab for lab in head.labels if head.labels.count(lab) > 1})
+        if dupes:
+            problems.append(f"{where}: duplicate label names {dupes}")
+        for lab in head.labels:
+            if not isinstance(lab, str) or not lab:
+                problems.append(f"{where}: label {lab!r} must be a non-empty string")
+        if head.offset != expected_offset:
+            problems.append(
+                f"{where}: logit offset is {head.offset}, expected {expected_offset} "
+                "(heads must tile the logits in order)"
+            )
+        expected_offset = head.offset + len(head.labels)
+    if num_labels is not None and expected_offset != num_labels:
+        problems.append(
+            f"heads add up to {expected_offset} labels but the model has num_labels={num_labels}"
+        )
+    return problems
+
+
+def heads_from_layout(layout: Iterable[tuple[str, Sequence[str]]]) -> tuple[Head, ...]:
+    """Build consecutive heads from ``[(name, labels), ...]``."""
+    heads: list[Head] = []
+    offset = 0
+    for name, labels in layout:
+        heads.append(Head(name=name, labels=tuple(labels), offset=offset))
+        offset += len(labels)
+    return tuple(heads)
