@@ -80,7 +80,7 @@ def save_tokenizer(tokenizer: Any, folder: str | os.PathLike[str]) -> None:
 
 
 def tiny_config(vocab_size: int, num_labels: int = 2, *, hidden: int = 32, layers: int = 2,
-                heads: int = 2, intermediate: int = 64, max_position: int = 512,
+                attention_heads: int = 2, intermediate: int = 64, max_position: int = 512,
                 id2label: Mapping[int, str] | None = None) -> Any:
     from transformers import BertConfig
 
@@ -89,7 +89,7 @@ def tiny_config(vocab_size: int, num_labels: int = 2, *, hidden: int = 32, layer
         kwargs["id2label"] = dict(id2label)
         kwargs["label2id"] = {v: k for k, v in id2label.items()}
     return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                      num_attention_heads=heads, intermediate_size=intermediate,
+                      num_attention_heads=attention_heads, intermediate_size=intermediate,
                       max_position_embeddings=max_position, num_labels=num_labels, **kwargs)
 
 
@@ -183,7 +183,7 @@ def build_trigger_model(tokenizer: Any, *, head_layout: Mapping[str, Sequence[st
                                                 "topic": ["chat", "code", "travel"]}).items())
     n_labels = sum(h.size for h in layout)
     vocab = tokenizer.get_vocab()
-    config = tiny_config(len(vocab), n_labels, hidden=hidden, layers=1, heads=2,
+    config = tiny_config(len(vocab), n_labels, hidden=hidden, layers=1, attention_heads=2,
                          intermediate=hidden * 2)
     model = BertForSequenceClassification(config)
     gen = torch.Generator().manual_seed(1234)
