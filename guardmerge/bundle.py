@@ -174,13 +174,14 @@ def _weight_files(folder: Path) -> list[Path]:
     raise ModelLoadError(f"{folder / 'model.safetensors'}: missing (no safetensors weights)")
 
 
-def _id2label(config: Mapping[str, Any], config_path: Path) -> list[str]:
+def _id2label(config: Mapping[str, Any], config_path: Path) -> list[str] | None:
+    """Labels in id order; None when the config has none (transformers omits default LABEL_i)."""
     raw = config.get("id2label")
     if not raw:
         n = config.get("num_labels")
         if isinstance(n, int) and n > 0:
             return [f"LABEL_{i}" for i in range(n)]
-        raise ModelLoadError(f"{config_path}: no id2label (is this a sequence classifier?)")
+        return None
     try:
         items = sorted((int(k), v) for k, v in raw.items())
     except (ValueError, AttributeError) as exc:
@@ -254,6 +255,13 @@ def inspect_bundle(model: str | os.PathLike[str], revision: str | None = None) -
     for wf in weight_files:
         header, _ = read_header(wf)
         tensors.update(header)
+    prefix = _OUTPUT_LAYERS.get(str(config["model_type"]))
+    if labels is None:
+        out = tensors.get(f"{prefix}.weight") if prefix else None
+        if out is None:
+            raise ModelLoadError(f"{config_path}: no id2label and no output layer "
+                                 "(is this a sequence classifier?)")
+        labels = [f"LABEL_{i}" for i in range(out["shape"][0])]
     if not any((folder / f).exists() for f in _TOKENIZER_FILES):
         raise ModelLoadError(
             f"{folder}: no tokenizer files (expected one of {', '.join(_TOKENIZER_FILES)})"
@@ -278,7 +286,6 @@ def inspect_bundle(model: str | os.PathLike[str], revision: str | None = None) -
         heads = (Head(name=name, labels=tuple(labels), offset=0,
                       source=str(model), revision=hub_revision),)
 
-    prefix = _OUTPUT_LAYERS.get(str(config["model_type"]))
     if prefix is not None:
         weight = tensors.get(f"{prefix}.weight")
         if weight is None:
