@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import struct
+import threading
 from pathlib import Path
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO, Iterable, Mapping
 
 import torch
 
 from .exceptions import ModelLoadError
 
-__all__ = ["read_header", "TensorSpec", "StreamingWriter", "DTYPE_TO_ST", "ST_TO_DTYPE"]
+__all__ = ["read_header", "read_tensor", "TensorSpec", "StreamingWriter", "DTYPE_TO_ST", "ST_TO_DTYPE"]
 
 DTYPE_TO_ST: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -90,6 +92,50 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, dict[str, Any]]
     return header, metadata
 
 
+def storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype whose NumPy view holds ``dtype``'s bytes (bf16 -> int16, bool -> uint8)."""
+    return {torch.bfloat16: torch.int16, torch.bool: torch.uint8}.get(dtype, dtype)
+
+
+def read_tensor(fh: BinaryIO, data_start: int, info: Mapping[str, Any], *, start: int = 0,
+                count: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read a tensor, or elements ``start:start+count`` of it flattened, with ``readinto``.
+
+    One copy, no mmap (source pages do not stay resident). ``out``: a flat buffer of the storage
+    dtype to read into (reused across calls to avoid fresh allocations and page faults).
+    """
+    dtype = ST_TO_DTYPE.get(info["dtype"])
+    if dtype is None:
+        raise ValueError(f"unsupported dtype {info['dtype']}")
+    shape = tuple(info["shape"])
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    begin, end = info["data_offsets"]
+    whole = count is None
+    count = numel - start if count is None else count
+    if start < 0 or count < 0 or start + count > numel:
+        raise ValueError(f"element range {start}:{start + count} outside 0:{numel}")
+    holder_dtype = storage_dtype(dtype)
+    if out is None:
+        holder = torch.empty(count, dtype=holder_dtype)
+    else:
+        holder = out[:count]
+    if count:
+        item = holder.element_size()
+        fh.seek(data_start + begin + start * item)
+        got = fh.readinto(memoryview(holder.numpy()).cast("B"))
+        if got != count * item:
+            raise ValueError(f"short read ({got} of {count * item} bytes)")
+    if dtype == torch.bfloat16:
+        result = holder.view(torch.bfloat16)
+    elif dtype == torch.bool:
+        result = holder.to(torch.bool)
+    else:
+        result = holder
+    return result.view(shape) if whole else result
+
+
 class TensorSpec:
     __slots__ = ("dtype", "shape")
 
@@ -132,30 +178,70 @@ class StreamingWriter:
         self._fh.write(struct.pack("<Q", len(raw)))
         self._fh.write(raw)
         self._next = 0
+        # A background thread does the (kernel-side slow) writes while the caller computes the
+        # next blocks; the queue is bounded, so at most ~32 blocks wait in memory.
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=32)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="guardmerge-writer", daemon=True)
+        self._thread.start()
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:
+                try:
+                    self._fh.write(memoryview(item.numpy()).cast("B"))
+                except BaseException as exc:  # reported by the next write() / close()
+                    self._error = exc
+
+    def _put(self, t: torch.Tensor) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(t)
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def write(self, name: str, tensor: "torch.Tensor | Iterable[torch.Tensor]") -> None:
+        """Write tensor ``name`` whole, or as an iterable of flat blocks in order."""
         if self._next >= len(self.order) or self.order[self._next] != name:
             expected = self.order[self._next] if self._next < len(self.order) else None
             raise ValueError(f"tensors must be written in order: got {name!r}, expected {expected!r}")
         spec = self.specs[name]
-        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise ValueError(
-                f"tensor {name!r}: got {tensor.dtype} {tuple(tensor.shape)}, "
-                f"declared {spec.dtype} {spec.shape}"
-            )
-        t = tensor.detach().contiguous().cpu()
-        if t.dtype == torch.bfloat16:
-            data = t.view(torch.int16).numpy().tobytes()
-        elif t.dtype == torch.bool:
-            data = t.to(torch.uint8).numpy().tobytes()
+        if isinstance(tensor, torch.Tensor):
+            if tuple(tensor.shape) != spec.shape:
+                raise ValueError(f"tensor {name!r}: got shape {tuple(tensor.shape)}, declared "
+                                 f"{spec.shape}")
+            blocks: Iterable[torch.Tensor] = (tensor,)
         else:
-            data = t.numpy().tobytes()
-        self._fh.write(data)
+            blocks = tensor
+        written = 0
+        for block in blocks:
+            if block.dtype != spec.dtype:
+                raise ValueError(f"tensor {name!r}: got {block.dtype}, declared {spec.dtype}")
+            t = block.detach().contiguous().cpu()
+            if t.dtype == torch.bfloat16:
+                t = t.view(torch.int16)
+            elif t.dtype == torch.bool:
+                t = t.to(torch.uint8)
+            if t.numel():
+                self._put(t)
+                written += t.numel() * t.element_size()
+        if written != spec.nbytes:
+            raise ValueError(f"tensor {name!r}: wrote {written} bytes, declared {spec.nbytes}")
         self._next += 1
 
     def close(self) -> None:
         if self._fh.closed:
             return
+        self._stop()
+        if self._error is not None:
+            self._fh.close()
+            raise self._error
         done = self._next == len(self.order)
         self._fh.flush()
         os.fsync(self._fh.fileno())
@@ -170,4 +256,5 @@ class StreamingWriter:
         if exc_type is None:
             self.close()
         else:
+            self._stop()
             self._fh.close()

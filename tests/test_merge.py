@@ -288,7 +288,7 @@ def test_interrupted_merge_leaves_nothing_behind(sources, tmp_path, monkeypatch)
     from guardmerge.merge import run
 
     calls = {"n": 0}
-    real = run.MergePlan.merged_tensor
+    real = run.MergePlan.merged_blocks
 
     def flaky(self, name):
         calls["n"] += 1
@@ -296,7 +296,7 @@ def test_interrupted_merge_leaves_nothing_behind(sources, tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return real(self, name)
 
-    monkeypatch.setattr(run.MergePlan, "merged_tensor", flaky)
+    monkeypatch.setattr(run.MergePlan, "merged_blocks", flaky)
     with pytest.raises(KeyboardInterrupt):
         merge(_recipe(sources), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from guardmerge.merge import dare, magnitude_trim, merge_tensor
-from guardmerge.merge.sparsify import seed_for, tensor_generator
+from guardmerge.merge.sparsify import seed_for, dare_generator
 
 T = torch.tensor
 
@@ -66,7 +66,7 @@ def test_magnitude_trim_keeps_exactly_k_largest():
 
 def test_dare_rescales_survivors_by_one_over_density():
     d = torch.linspace(-1, 1, 10_000)
-    out = dare(d, 0.2, tensor_generator(0, "w"))
+    out = dare(d, 0.2, dare_generator(0, "w"))
     kept = out != 0
     assert torch.allclose(out[kept], d[kept] / 0.2)
     assert 0.18 < kept.float().mean().item() < 0.22
@@ -77,7 +77,7 @@ def test_dare_expectation_is_the_input():
     total = torch.zeros(4)
     n = 4000
     for s in range(n):
-        total += dare(d, 0.3, tensor_generator(s, "x"))
+        total += dare(d, 0.3, dare_generator(s, "x"))
     assert torch.allclose(total / n, d, atol=0.1)
 
 
@@ -87,8 +87,7 @@ def test_dare_linear_expectation_is_task_arithmetic():
     n = 3000
     acc = torch.zeros(3)
     for s in range(n):
-        acc += merge_tensor("dare_linear", base, [x1, x2], [1.0, 1.0], [0.4, 0.6],
-                            generator=tensor_generator(s, "t"))
+        acc += merge_tensor("dare_linear", base, [x1, x2], [1.0, 1.0], [0.4, 0.6], seed=s, name="t")
     ta = merge_tensor("task_arithmetic", base, [x1, x2], [1.0, 1.0], [1.0, 1.0])
     assert torch.allclose(acc / n, ta, atol=0.1)
 
@@ -97,8 +96,7 @@ def test_dare_ties_single_source_entries_are_base_or_rescaled_delta():
     g = torch.Generator().manual_seed(1)
     base = torch.randn(200, generator=g)
     d = torch.randn(200, generator=g)
-    out = merge_tensor("dare_ties", base, [base + d], [1.0], [0.25], lam=1.0,
-                       generator=tensor_generator(3, "layer"))
+    out = merge_tensor("dare_ties", base, [base + d], [1.0], [0.25], lam=1.0, seed=3, name="layer")
     dropped = torch.isclose(out, base)
     assert torch.allclose(out[~dropped], (base + d / 0.25)[~dropped], atol=1e-5)
     assert 0.15 < (~dropped).float().mean() < 0.35
@@ -108,13 +106,14 @@ def test_dare_ties_at_full_density_equals_ties():
     g = torch.Generator().manual_seed(2)
     base = torch.randn(50, generator=g)
     xs = [base + torch.randn(50, generator=g) for _ in range(3)]
-    a = merge_tensor("dare_ties", base, xs, [1.0, 2.0, 0.5], [1.0] * 3, generator=tensor_generator(0, "a"))
+    a = merge_tensor("dare_ties", base, xs, [1.0, 2.0, 0.5], [1.0] * 3, seed=0, name="a")
     b = merge_tensor("ties", base, xs, [1.0, 2.0, 0.5], [1.0] * 3)
     assert torch.allclose(a, b)
 
 
-def test_seed_depends_on_seed_and_name_only():
+def test_seed_depends_on_seed_name_and_source_only():
     assert seed_for(1, "a.weight") == seed_for(1, "a.weight")
+    assert seed_for(1, "a.weight", 0) != seed_for(1, "a.weight", 1)
     assert seed_for(1, "a.weight") != seed_for(2, "a.weight")
     assert seed_for(1, "a.weight") != seed_for(1, "b.weight")
 
@@ -124,5 +123,31 @@ def test_bad_arguments():
         magnitude_trim(T([1.0]), 0.0)
     with pytest.raises(ValueError, match="unknown merge method"):
         merge_tensor("slerp", T([1.0]), [T([1.0])], [1.0], [1.0])
-    with pytest.raises(ValueError, match="needs a torch.Generator"):
-        merge_tensor("dare_ties", T([1.0]), [T([1.0])], [1.0], [0.5])
+    with pytest.raises(ValueError, match="one weight and one density per source"):
+        merge_tensor("ties", T([1.0]), [T([1.0])], [1.0, 2.0], [0.5])
+    with pytest.raises(ValueError, match="density"):
+        merge_tensor("dare_ties", T([1.0]), [T([1.0])], [1.0], [0.0])
+
+
+def test_merge_mask_matches_dare_function_and_blocks_do_not_change_results():
+    from guardmerge.merge.sparsify import CHUNK
+
+    n = CHUNK * 2 + 123  # several blocks, the last one partial
+    g = torch.Generator().manual_seed(5)
+    base, d = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    merged = merge_tensor("dare_linear", base, [base + d], [1.0], [0.3], seed=9, name="w")
+    expected = base + dare(d, 0.3, dare_generator(9, "w", 0))
+    assert torch.allclose(merged, expected, atol=1e-5)
+
+
+def test_inputs_are_never_modified():
+    g = torch.Generator().manual_seed(6)
+    base, x1, x2 = (torch.randn(1000, generator=g) for _ in range(3))
+    copies = [t.clone() for t in (base, x1, x2)]
+    for method in ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"):
+        merge_tensor(method, base, [x1, x2], [1.0, 2.0], [0.5, 0.5], seed=1, name="x")
+    from guardmerge.merge import merge_task_vectors
+
+    merge_task_vectors("dare_ties", base, [x1, x2], [1.0, 1.0], [0.5, 0.5])
+    for a, b in zip((base, x1, x2), copies):
+        assert torch.equal(a, b)

@@ -8,28 +8,31 @@ output and renamed at the end: an interrupted merge leaves no half bundle.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import struct
 import tempfile
-from dataclasses import dataclass
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
 from .._progress import Progress
-from .._safetensors import ST_TO_DTYPE, StreamingWriter, TensorSpec, read_header
+from .._safetensors import (ST_TO_DTYPE, StreamingWriter, TensorSpec, read_header, read_tensor,
+                            storage_dtype)
 from ..bundle import (_weight_files, config_for_heads, hash_files, inspect_bundle,
                       output_layer_prefix, resolve_model_dir, write_manifest)
 from ..exceptions import MergeError, ModelLoadError
 from ..labels import Head
-from .methods import merge_tensor
+from .methods import (METHODS, linear_block, magnitude_masks, merge_block, merge_tensor)
+from .sparsify import CHUNK, dare_generator
 from .recipe import MergeRecipe, ModelSpec, load_recipe
-from .sparsify import tensor_generator
 
 __all__ = ["merge", "MergePlan", "plan_merge"]
 
@@ -46,43 +49,64 @@ _OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 
 
 class TensorIndex:
-    """Tensor names -> files of one model; reads one tensor at a time."""
+    """Tensor names -> files of one model; reads one tensor at a time (thread-safe)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.files = _weight_files(folder)
         self.specs: dict[str, tuple[str, tuple[int, ...]]] = {}
-        self._file_of: dict[str, Path] = {}
+        self._where: dict[str, tuple[Path, int, dict[str, Any]]] = {}
         for f in self.files:
             header, _ = read_header(f)
+            with open(f, "rb") as fh:
+                data_start = 8 + struct.unpack("<Q", fh.read(8))[0]
             for name, info in header.items():
                 self.specs[name] = (info["dtype"], tuple(info["shape"]))
-                self._file_of[name] = f
-        self._stack = contextlib.ExitStack()
-        self._handles: dict[Path, Any] = {}
+                self._where[name] = (f, data_start, info)
+        self._local = threading.local()
 
     def names(self) -> set[str]:
         return set(self.specs)
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        f = self._file_of[name]
-        handle = self._handles.get(f)
-        if handle is None:
-            try:
-                handle = self._stack.enter_context(safe_open(str(f), framework="pt"))
-            except Exception as exc:
-                raise ModelLoadError(f"{f}: cannot open: {exc}") from exc
-            self._handles[f] = handle
+        f, data_start, info = self._where[name]
+        handles = getattr(self._local, "handles", None)
+        if handles is None:
+            handles = self._local.handles = {}
+        fh = handles.get(f)
         try:
-            return handle.get_tensor(name)
-        except Exception as exc:
+            if fh is None:
+                fh = handles[f] = open(f, "rb")  # noqa: SIM115 - closed in close()
+                self._opened().append(fh)
+            return read_tensor(fh, data_start, info)
+        except (OSError, ValueError) as exc:
             raise ModelLoadError(f"{f}: cannot read tensor {name!r}: {exc}") from exc
 
+    def get_block(self, name: str, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements ``start:start+count`` of tensor ``name`` (flattened), read into ``out``."""
+        f, data_start, info = self._where[name]
+        handles = getattr(self._local, "handles", None)
+        if handles is None:
+            handles = self._local.handles = {}
+        fh = handles.get(f)
+        try:
+            if fh is None:
+                fh = handles[f] = open(f, "rb")  # noqa: SIM115 - closed in close()
+                self._opened().append(fh)
+            return read_tensor(fh, data_start, info, start=start, count=count, out=out)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{f}: cannot read tensor {name!r}: {exc}") from exc
+
+    def _opened(self) -> list[Any]:
+        if not hasattr(self, "_all_handles"):
+            self._all_handles: list[Any] = []
+        return self._all_handles
+
     def close(self) -> None:
-        self._stack.close()
-        self._handles.clear()
+        for fh in self._opened():
+            fh.close()
+        self._all_handles = []
+        self._local = threading.local()
 
 
 @dataclass
@@ -117,15 +141,32 @@ def _head_name_from_id(model_id: str) -> str:
 
 
 def _vocab(folder: Path) -> dict[str, int] | None:
-    if not any((folder / f).exists() for f in ("tokenizer.json", "vocab.txt", "vocab.json",
-                                                "spm.model", "sentencepiece.bpe.model")):
-        return None
-    from transformers import AutoTokenizer
-
+    """The tokenizer vocabulary (token -> id), read from the files (no transformers import)."""
+    tj = folder / "tokenizer.json"
     try:
-        return dict(AutoTokenizer.from_pretrained(folder, trust_remote_code=False).get_vocab())
-    except Exception as exc:
-        raise ModelLoadError(f"{folder}: cannot load the tokenizer: {exc}") from exc
+        if tj.exists():
+            data = json.loads(tj.read_text(encoding="utf-8"))
+            model = data.get("model") or {}
+            vocab = model.get("vocab")
+            if isinstance(vocab, list):  # unigram: [[piece, score], ...]
+                out = {str(p[0]): i for i, p in enumerate(vocab)}
+            elif isinstance(vocab, dict):
+                out = {str(k): int(v) for k, v in vocab.items()}
+            else:
+                raise ValueError("no model.vocab")
+            for tok in data.get("added_tokens") or []:
+                out[str(tok["content"])] = int(tok["id"])
+            return out
+        vt = folder / "vocab.txt"
+        if vt.exists():
+            return {line.rstrip("\n"): i for i, line in
+                    enumerate(vt.read_text(encoding="utf-8").splitlines())}
+        vj = folder / "vocab.json"
+        if vj.exists():
+            return {str(k): int(v) for k, v in json.loads(vj.read_text(encoding="utf-8")).items()}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{folder}: cannot read the tokenizer vocabulary: {exc}") from exc
+    return None
 
 
 class MergePlan:
@@ -136,6 +177,7 @@ class MergePlan:
         self.base_folder, self.base_revision = resolve_model_dir(recipe.base, recipe.base_revision)
         self.base_config = _read_config(self.base_folder)
         self.base_index = TensorIndex(self.base_folder)
+        self._local_buffers = threading.local()
         self.sources = [self._load_source(i, spec) for i, spec in enumerate(recipe.models)]
         try:
             self._check_compatible()
@@ -215,14 +257,13 @@ class MergePlan:
         offset = 0
         owners: dict[str, str] = {}
         for s in self.sources:
-            sha = hash_files(s.index.files)
             for h in s.heads:
                 if h.name in owners:
                     raise MergeError(f"head name {h.name!r} is used by {owners[h.name]} and "
                                      f"{s.spec.model}; give one of them a 'head:' name")
                 owners[h.name] = s.spec.model
                 heads.append(Head(name=h.name, labels=h.labels, offset=offset, source=s.spec.model,
-                                  revision=s.revision, sha256=sha))
+                                  revision=s.revision))
                 offset += h.size
         return tuple(heads)
 
@@ -309,7 +350,8 @@ class MergePlan:
         out[start:start + s.num_labels] = tensor.float()
         return out
 
-    def merged_tensor(self, name: str) -> torch.Tensor:
+    def _whole_tensor(self, name: str) -> torch.Tensor:
+        """Integer buffers and the (small) output-layer tensors, merged in memory."""
         r = self.recipe
         weights = [s.spec.weight for s in self.sources]
         densities = [s.spec.density for s in self.sources]
@@ -323,22 +365,87 @@ class MergePlan:
                     raise MergeError(f"models[{s.position}] ({s.spec.model}): integer buffer "
                                      f"{name!r} differs from the base's; it must be identical")
             return ref.clone()
-        if name in self.head_tensors:
-            expanded = [self._expand(s, s.index.get(name)) for s in self.sources]
-            if r.head_mode == "owner":
-                out = torch.stack(expanded).sum(dim=0)  # rows are disjoint: an exact copy
-            else:
-                base = torch.zeros_like(expanded[0])
-                out = merge_tensor(r.method, base, expanded, weights, densities, lam=r.lam,
-                                   generator=tensor_generator(r.seed, name))
+        expanded = [self._expand(s, s.index.get(name)) for s in self.sources]
+        if r.head_mode == "owner":
+            out = torch.stack(expanded).sum(dim=0)  # rows are disjoint: an exact copy
         else:
-            base_name = self.base_names[name]
-            assert base_name is not None
-            base = self.base_index.get(base_name)
-            sources = [s.index.get(name) for s in self.sources]
-            out = merge_tensor(r.method, base, sources, weights, densities, lam=r.lam,
-                               generator=tensor_generator(r.seed, name))
+            out = merge_tensor(r.method, torch.zeros_like(expanded[0]), expanded, weights,
+                               densities, lam=r.lam, seed=r.seed, name=name)
         return out.to(spec.dtype)
+
+    def merged_blocks(self, name: str) -> Iterator[torch.Tensor]:
+        """Tensor ``name`` of the merged model as flat blocks (streamed from the sources).
+
+        Each block is read from the files into reused buffers, merged by the same kernel as
+        ``merge_tensor``, and handed on: nothing model-sized is allocated.
+        """
+        spec = self.specs[name]
+        if name in self.head_tensors or not spec.dtype.is_floating_point:
+            yield self._whole_tensor(name).reshape(-1)
+            return
+        r = self.recipe
+        m = METHODS[r.method]
+        weights = [s.spec.weight for s in self.sources]
+        densities = [s.spec.density for s in self.sources]
+        n = 1
+        for dim in spec.shape:
+            n *= dim
+        base_name = self.base_names[name]
+        inputs = [(s.index, name) for s in self.sources]
+        if m.uses_base:
+            assert base_name is not None
+            inputs.append((self.base_index, base_name))
+        buffers = [self._buffer(i, idx.specs[nm][0]) for i, (idx, nm) in enumerate(inputs)]
+
+        def block(k: int, start: int, count: int) -> torch.Tensor:
+            idx, nm = inputs[k]
+            return idx.get_block(nm, start, count, buffers[k]).float()
+
+        masks: list[torch.Tensor | None] = []
+        if m.sparsify == "magnitude":
+            base_full = block(len(self.sources), 0, n).clone() if n <= CHUNK else None
+
+            def magnitudes(i: int) -> torch.Tensor:
+                mag = torch.empty(n, dtype=torch.float32)
+                for start in range(0, n, CHUNK):
+                    c = min(CHUNK, n - start)
+                    b = base_full[start:start + c] if base_full is not None else \
+                        block(len(self.sources), start, c).clone()
+                    mag[start:start + c] = block(i, start, c).sub_(b).abs_()
+                return mag
+
+            masks = magnitude_masks(m, n, densities, magnitudes)
+        gens = [dare_generator(r.seed, name, i) for i in range(len(self.sources))] \
+            if m.sparsify == "dare" else []
+        for start in range(0, n, CHUNK):
+            c = min(CHUNK, n - start)
+            if not m.uses_base:
+                yield linear_block([block(i, start, c) for i in range(len(self.sources))],
+                                   weights).to(spec.dtype)
+                continue
+            bb = block(len(self.sources), start, c)
+            if bb.data_ptr() == buffers[-1].data_ptr():
+                bb = bb.clone()  # float32 base read straight into its buffer: keep it apart
+            deltas = [block(i, start, c).sub_(bb) if buffers[i].dtype == torch.float32 else
+                      block(i, start, c) - bb for i in range(len(self.sources))]
+            block_masks = [None if mk is None else mk[start:start + c] for mk in masks]
+            out = merge_block(m, bb, deltas, weights, densities, r.lam, gens, block_masks)
+            yield out.to(spec.dtype)
+
+    def _buffer(self, slot: int, st_dtype: str) -> torch.Tensor:
+        cache = getattr(self._local_buffers, "b", None)
+        if cache is None:
+            cache = self._local_buffers.b = {}
+        key = (slot, st_dtype)
+        buf = cache.get(key)
+        if buf is None:
+            buf = cache[key] = torch.empty(CHUNK, dtype=storage_dtype(ST_TO_DTYPE[st_dtype]))
+        return buf
+
+    def merged_tensor(self, name: str) -> torch.Tensor:
+        """The whole merged tensor (the concatenation of ``merged_blocks``)."""
+        blocks = [b.clone() for b in self.merged_blocks(name)]
+        return torch.cat(blocks).view(self.specs[name].shape)
 
     def iter_merged(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names:
@@ -357,9 +464,24 @@ class MergePlan:
         cfg.pop("torch_dtype", None)
         return cfg
 
+    def start_hashing(self, pool: ThreadPoolExecutor) -> None:
+        """Content hashes of every input, computed beside the merge (hashlib frees the GIL)."""
+        self._hashes: dict[str, Future[str]] = {"base": pool.submit(hash_files, self.base_index.files)}
+        for s in self.sources:
+            self._hashes[s.spec.model] = pool.submit(hash_files, s.index.files)
+
+    def _hash(self, key: str, files: Sequence[Path]) -> str:
+        fut = getattr(self, "_hashes", {}).get(key)
+        return fut.result() if fut is not None else hash_files(files)
+
+    def final_heads(self) -> tuple[Head, ...]:
+        by_model = {s.spec.model: s for s in self.sources}
+        return tuple(replace(h, sha256=self._hash(h.source, by_model[h.source].index.files))
+                     for h in self.heads)
+
     def manifest_extra(self) -> dict[str, Any]:
         return {"base": {"id": self.recipe.base, "revision": self.base_revision,
-                         "sha256": hash_files(self.base_index.files)}}
+                         "sha256": self._hash("base", self.base_index.files)}}
 
     def write_support_files(self, folder: Path) -> None:
         (folder / "config.json").write_text(json.dumps(self.config(), indent=2, sort_keys=True)
@@ -373,7 +495,8 @@ class MergePlan:
             vocab = _vocab(src) or {}
             ordered = sorted(vocab, key=vocab.__getitem__)
             (folder / "vocab.txt").write_text("\n".join(ordered) + "\n", encoding="utf-8")
-        write_manifest(folder, self.heads, self.recipe.to_dict(), extra=self.manifest_extra())
+        write_manifest(folder, self.final_heads(), self.recipe.to_dict(),
+                       extra=self.manifest_extra())
 
 
 def plan_merge(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str]) -> MergePlan:
@@ -391,14 +514,16 @@ def merge(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str],
     output.parent.mkdir(parents=True, exist_ok=True)
     plan = MergePlan(recipe)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardmerge-hash")
     try:
+        plan.start_hashing(hasher)
         logger.info("merging %d model(s) with %s (head_mode=%s) into %s", len(plan.sources),
                     recipe.method, recipe.head_mode, output)
         metadata = {"format": "pt", "guardmerge_method": recipe.method}
         with Progress(len(plan.names), "merging", enabled=progress) as bar, \
                 StreamingWriter(tmp / "model.safetensors", plan.specs, metadata) as writer:
-            for name, tensor in plan.iter_merged():
-                writer.write(name, tensor)
+            for name in plan.names:
+                writer.write(name, plan.merged_blocks(name))
                 bar.update(1, note=name[-40:])
         plan.write_support_files(tmp)
         if output.exists():
@@ -409,8 +534,10 @@ def merge(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str],
         else:
             os.replace(tmp, output)
     except BaseException:
+        hasher.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        hasher.shutdown(wait=True)
         plan.close()
     return output
