@@ -5,6 +5,7 @@ The public API is exactly ``__all__``; every module is an implementation detail.
 
 __version__ = "0.1.0"
 
+from ._http import AsyncChatClient, ChatClient, RetryPolicy
 from .bundle import BundleInfo, inspect_bundle
 from .chunking import Window
 from .classifier import BundleClassifier, Classifier, FunctionClassifier, HeadScores, TextScores
@@ -19,8 +20,11 @@ from .exceptions import (
     PromptBlockedError,
     RecipeError,
     ResponseBlockedError,
+    UpstreamError,
+    UpstreamTimeout,
 )
-from .guard import Guard
+from .client import AsyncGuardedClient, GuardedClient, guard_client
+from .guard import CachedClassifier, Guard
 from .labels import Head
 from .policy import Policy, Rule, load_policy
 from .verdict import Action, Finding, Verdict
@@ -28,15 +32,20 @@ from .verdict import Action, Finding, Verdict
 __all__ = [
     "__version__",
     "Action",
+    "AsyncChatClient",
+    "AsyncGuardedClient",
     "BlockedError",
     "BundleClassifier",
     "BundleInfo",
+    "CachedClassifier",
+    "ChatClient",
     "Classifier",
     "ClassifierError",
     "ConfigError",
     "Finding",
     "FunctionClassifier",
     "Guard",
+    "GuardedClient",
     "GuardmergeError",
     "Head",
     "HeadScores",
@@ -47,10 +56,14 @@ __all__ = [
     "PromptBlockedError",
     "RecipeError",
     "ResponseBlockedError",
+    "RetryPolicy",
     "Rule",
     "TextScores",
+    "UpstreamError",
+    "UpstreamTimeout",
     "Verdict",
     "Window",
+    "guard_client",
     "inspect_bundle",
     "load_policy",
 ]

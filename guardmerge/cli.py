@@ -107,6 +107,14 @@ def _read_text(arg: str) -> str:
     return arg
 
 
+def _quiet_transformers(verbose: bool) -> None:
+    """The CLI is an application: it may silence transformers' progress bars (unless -v)."""
+    if not verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def _cmd_scan(args: argparse.Namespace) -> int:
     from .classifier import BundleClassifier
     from .guard import Guard
@@ -114,6 +122,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
     text = _read_text(args.text)
     policy = Policy.load(args.policy)
+    _quiet_transformers(args.verbose)
     clf = BundleClassifier.from_pretrained(args.bundle, dtype=args.dtype, threads=args.threads,
                                            batch_size=args.batch_size, overlap=args.overlap)
     guard = Guard(clf, policy, include_scores=args.scores or args.json)

@@ -11,6 +11,8 @@ boundary where they happen, with ``raise ... from exc`` so the original stays at
     ├── ModelLoadError           a bundle / model folder is missing, corrupt or inconsistent
     ├── MergeError               sources cannot be merged (shapes, names, configs, vocabularies)
     ├── ClassifierError          the guard model failed while scoring text (run time)
+    ├── UpstreamError            the upstream LLM call failed (status, body), after bounded retries
+    │   └── UpstreamTimeout      ... because it took too long
     └── BlockedError             a guarded call was blocked by the policy (carries the verdict)
         ├── PromptBlockedError   ... on the way in (the upstream model was never called)
         └── ResponseBlockedError ... on the way out
@@ -31,6 +33,8 @@ __all__ = [
     "ModelLoadError",
     "MergeError",
     "ClassifierError",
+    "UpstreamError",
+    "UpstreamTimeout",
     "BlockedError",
     "PromptBlockedError",
     "ResponseBlockedError",
@@ -80,6 +84,25 @@ class MergeError(GuardmergeError):
 
 class ClassifierError(GuardmergeError):
     """The guard model failed while scoring text."""
+
+
+class UpstreamError(GuardmergeError):
+    """The upstream chat-completion call failed.
+
+    ``status`` is the HTTP status (None for connection errors, timeouts and malformed bodies),
+    ``body`` the response text (truncated), ``attempts`` how many tries were made.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, body: str | None = None,
+                 attempts: int = 1) -> None:
+        self.status = status
+        self.body = body
+        self.attempts = attempts
+        super().__init__(message)
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream call (or the retry budget) ran out of time."""
 
 
 class BlockedError(GuardmergeError):

@@ -18,7 +18,9 @@ A policy (see ``policies/*.yaml``)::
           flag: 0.5             # score >= flag  -> flag
           block: 0.85           # score >= block -> block
           roles: [user]         # optional: narrow this rule to some roles
+      non_text_parts: ignore    # image / audio parts of a message: ignore | flag | block
     output:                     # responses
+      check_tool_calls: false   # also score tool-call arguments in responses
       rules: [...]
 
 A rule fires for a message when a listed label's score (its maximum over the message's windows)
@@ -70,6 +72,8 @@ class Rule:
 class DirectionRules:
     roles: tuple[str, ...]
     rules: tuple[Rule, ...] = ()
+    non_text_parts: Action = Action.PASS      # input: what a non-text content part earns
+    check_tool_calls: bool = False            # output: score tool-call arguments too
 
     def rules_for(self, role: str) -> list[Rule]:
         if role not in self.roles:
@@ -161,13 +165,14 @@ class Policy:
     # -- evaluation --------------------------------------------------------------------------
 
     def evaluate(self, direction: str, targets: Iterable[tuple[int, str, Any]],
-                 *, include_scores: bool = False) -> Verdict:
+                 *, include_scores: bool = False, extra: Iterable[Finding] = ()) -> Verdict:
         """Turn scored messages into a verdict.
 
-        ``targets``: ``(message_index, role, TextScores)`` for every message that was scored.
+        ``targets``: ``(message_index, role, TextScores)`` for every message that was scored;
+        ``extra``: findings made outside the model (e.g. non-text content parts).
         """
         section = self.rules(direction)
-        findings: list[Finding] = []
+        findings: list[Finding] = list(extra)
         score_dump: list[dict[str, dict[str, float]]] = []
         for index, role, scores in targets:
             if include_scores:
@@ -208,7 +213,8 @@ def _direction(c: Checker, value: Any, direction: str) -> DirectionRules:
     default_roles = ("user",) if direction == "input" else ("assistant",)
     if value is None:
         return DirectionRules(roles=default_roles)
-    allowed = {"roles", "rules"} if direction == "input" else {"rules"}
+    allowed = {"roles", "rules", "non_text_parts"} if direction == "input" else \
+        {"rules", "check_tool_calls"}
     sec = c.mapping(value, direction, allowed=allowed)
     if sec is None:
         return DirectionRules(roles=default_roles)
@@ -220,6 +226,14 @@ def _direction(c: Checker, value: Any, direction: str) -> DirectionRules:
             for r in bad:
                 c.add(f"{direction}.roles", f"unknown role {r!r} (known: {', '.join(ROLES)})")
             roles = tuple(got)
+    non_text = Action.PASS
+    if "non_text_parts" in sec:
+        v = c.choice(sec["non_text_parts"], f"{direction}.non_text_parts", ("ignore", "flag", "block"))
+        non_text = {"ignore": Action.PASS, "flag": Action.FLAG, "block": Action.BLOCK}.get(v or "ignore",
+                                                                                        Action.PASS)
+    tool_calls = False
+    if "check_tool_calls" in sec:
+        tool_calls = bool(c.boolean(sec["check_tool_calls"], f"{direction}.check_tool_calls"))
     rules: list[Rule] = []
     raw_rules = sec.get("rules", [])
     if not isinstance(raw_rules, list):
@@ -235,7 +249,8 @@ def _direction(c: Checker, value: Any, direction: str) -> DirectionRules:
             c.add(f"{path}.id", f"duplicate rule id {rule.id!r}")
         ids.add(rule.id)
         rules.append(rule)
-    return DirectionRules(roles=roles, rules=tuple(rules))
+    return DirectionRules(roles=roles, rules=tuple(rules), non_text_parts=non_text,
+                          check_tool_calls=tool_calls)
 
 
 def _rule(c: Checker, raw: Any, path: str, direction: str, roles: tuple[str, ...]) -> Rule | None:

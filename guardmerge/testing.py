@@ -237,3 +237,8 @@ def bert_base_vocab(size: int = 30522) -> list[str]:
     base = list(WORDS)
     n_extra = size - len(SPECIALS) - 2 * 47 - len(base) - 1
     return base + [f"w{i}" for i in range(max(0, n_extra))]
+
+
+from ._fake_openai import OpenAICompatServer, echo_reply  # noqa: E402
+
+__all__ += ["OpenAICompatServer", "echo_reply", "write_bundle", "bert_base_vocab"]
