@@ -103,3 +103,95 @@ def merge(*, layers: int = 12, hidden: int = 768, methods: Sequence[str] = ("tie
 
     return run_merge_bench(layers=layers, hidden=hidden, methods=methods, mergekit=mergekit,
                            workdir=workdir)
+
+
+def middleware(*, calls: int = 2000, turns: int = 20) -> dict[str, Any]:
+    """Per-call overhead of the guard wrapper (trivial classifier, in-process upstream) and the
+    forward passes the history cache saves over a multi-turn conversation."""
+    import httpx
+
+    from ._http import ChatClient
+    from .classifier import BundleClassifier, FunctionClassifier
+    from .client import guard_client
+    from .guard import Guard
+    from .policy import Policy
+    from .testing import build_tokenizer, build_trigger_model, random_text, write_bundle
+
+    body = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+                       "choices": [{"index": 0, "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": "Sure, here it is."}}]})
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text=body, headers={"content-type": "application/json"})
+
+    policy = Policy.from_yaml("""
+input: {roles: [user, assistant], rules: [{head: jailbreak, labels: [jailbreak], flag: 0.5, block: 0.9}]}
+output: {rules: [{head: jailbreak, labels: [jailbreak], block: 0.9}]}
+""")
+    trivial = FunctionClassifier({"jailbreak": ["benign", "jailbreak"]},
+                                 lambda t: {"jailbreak": {"jailbreak": 0.01}})
+    messages = [{"role": "user", "content": "Write a short poem about the sea."}]
+    results: dict[str, Any] = {"machine": _machine()}
+    print(f"# guardmerge bench middleware: {_machine()}")
+    print(f"# upstream: in-process httpx.MockTransport (no network); classifier: a trivial "
+          f"FunctionClassifier; {calls} calls each; overhead = guarded - plain, per call")
+    clients: dict[str, Any] = {"guardmerge ChatClient": lambda: ChatClient(
+        "http://upstream.invalid/v1", transport=httpx.MockTransport(handler))}
+    try:
+        import openai
+
+        clients["openai.OpenAI"] = lambda: openai.OpenAI(
+            base_url="http://upstream.invalid/v1", api_key="x", max_retries=0,
+            http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    except ImportError:  # pragma: no cover - openai is a dev/test extra
+        pass
+    for label, make in clients.items():
+        plain = make()
+        guarded = guard_client(make(), Guard(trivial, policy, cache_size=0))
+        for c in (plain, guarded):
+            for _ in range(50):
+                c.chat.completions.create(model="m", messages=messages)
+        timings = {}
+        for name, c in (("plain", plain), ("guarded", guarded)):
+            best = float("inf")
+            for _ in range(3):
+                t = time.perf_counter()
+                for _ in range(calls):
+                    c.chat.completions.create(model="m", messages=messages)
+                best = min(best, (time.perf_counter() - t) / calls)
+            timings[name] = best
+        overhead = timings["guarded"] - timings["plain"]
+        results[label] = {**timings, "overhead_ms": overhead * 1000}
+        print(f"{label:<22} plain {timings['plain'] * 1e3:7.3f} ms/call   guarded "
+              f"{timings['guarded'] * 1e3:7.3f} ms/call   overhead {overhead * 1e3:6.3f} ms/call "
+              f"(input + output check)")
+
+    tmp = Path(tempfile.mkdtemp(prefix="guardmerge-bench-"))
+    try:
+        tok = build_tokenizer()
+        model, heads = build_trigger_model(tok)
+        bundle = write_bundle(tmp / "b", model, tok, heads)
+        print(f"# history cache: a {turns}-turn conversation, the client resends the whole "
+              "history each turn; input roles user + assistant; tiny local bundle")
+        for cache_size in (1024, 0):
+            clf = BundleClassifier.from_pretrained(bundle, batch_size=8)
+            guard = Guard(clf, policy, cache_size=cache_size)
+            history: list[dict[str, str]] = []
+            t = time.perf_counter()
+            for turn in range(turns):
+                history.append({"role": "user", "content": random_text(60, seed=turn)})
+                guard.check(history)
+                history.append({"role": "assistant", "content": random_text(80, seed=999 + turn)})
+            el = time.perf_counter() - t
+            label = "with cache" if cache_size else "no cache"
+            results[label] = {"forward_passes": clf.stats.forward_passes,
+                              "windows": clf.stats.windows, "seconds": el}
+            print(f"{label:<11} forward passes {clf.stats.forward_passes:4d}   windows scored "
+                  f"{clf.stats.windows:4d}   {el * 1e3:7.1f} ms")
+        saved = results["no cache"]["forward_passes"] - results["with cache"]["forward_passes"]
+        print(f"cache saved {saved} of {results['no cache']['forward_passes']} forward passes "
+              f"({results['no cache']['windows'] - results['with cache']['windows']} of "
+              f"{results['no cache']['windows']} windows)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return results

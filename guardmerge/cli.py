@@ -67,7 +67,7 @@ def _build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     m.add_argument("--no-progress", action="store_true")
 
-    b = sub.add_parser("bench", help="benchmarks (not tests): runtime, merge")
+    b = sub.add_parser("bench", help="benchmarks (not tests): runtime, merge, middleware")
     b_sub = b.add_subparsers(dest="bench_command", metavar="WHICH", parser_class=_Parser)
     br = b_sub.add_parser("runtime", help="window latency / throughput, fp32 vs bf16")
     br.add_argument("--layers", type=int, default=12)
@@ -78,6 +78,9 @@ def _build_parser() -> argparse.ArgumentParser:
     br.add_argument("--long-tokens", type=int, default=20000)
     br.add_argument("--dtypes", default="float32,bfloat16")
     br.add_argument("--threads", type=int, default=None)
+    bw = b_sub.add_parser("middleware", help="guard wrapper overhead per call; history cache")
+    bw.add_argument("--calls", type=int, default=2000)
+    bw.add_argument("--turns", type=int, default=20)
     bm = b_sub.add_parser("merge", help="merge wall time and peak RSS, optionally vs mergekit")
     bm.add_argument("--layers", type=int, default=12)
     bm.add_argument("--hidden", type=int, default=768)
@@ -223,6 +226,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                        intermediate=args.intermediate, repeats=args.repeats,
                        long_tokens=args.long_tokens, dtypes=args.dtypes.split(","),
                        threads=args.threads)
+        return EXIT_OK
+    if args.bench_command == "middleware":
+        _bench.middleware(calls=args.calls, turns=args.turns)
         return EXIT_OK
     if args.bench_command == "merge":
         _bench.merge(layers=args.layers, hidden=args.hidden, methods=args.methods.split(","),
