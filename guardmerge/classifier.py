@@ -180,6 +180,14 @@ class RuntimeStats:
             self.forward_passes += passes
 
 
+@dataclass
+class Prepared:
+    """Texts tokenised and cut into windows, ready to score (see ``BundleClassifier.prepare``)."""
+
+    items: list[tuple[int, int, list[int]]]
+    per_text: list[tuple[list[Window], int, int, int]]
+
+
 class BundleClassifier(Classifier):
     """A loaded guard bundle. Thread-safe: load once, call from many threads."""
 
@@ -264,21 +272,23 @@ class BundleClassifier(Classifier):
 
     def classify(self, texts: Sequence[str], *, max_tokens: int | None = None) -> list[TextScores]:
         """Score every text on every head. ``max_tokens``: score only each text's first N tokens."""
+        return self.classify_prepared(self.prepare(texts, max_tokens=max_tokens))
+
+    def prepare(self, texts: Sequence[str], *, max_tokens: int | None = None) -> "Prepared":
+        """Tokenise and cut into windows once; ``classify_prepared`` may then run many times
+        (the model search re-scores the same evaluation texts with every candidate's weights)."""
         if isinstance(texts, str):
             raise TypeError("classify() takes a sequence of texts, not a single string")
         texts = list(texts)
-        if not texts:
-            return []
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"texts[{i}] is {type(t).__name__}, expected str")
         try:
-            encodings = self._encoder.encode_batch(texts, add_special_tokens=False)
+            encodings = self._encoder.encode_batch(texts, add_special_tokens=False) if texts else []
         except Exception as exc:
             raise ClassifierError(f"tokenisation failed: {exc}") from exc
-
         items: list[tuple[int, int, list[int]]] = []  # (text, window, ids)
-        per_text: list[tuple[list[Window], int, int]] = []
+        per_text: list[tuple[list[Window], int, int, int]] = []
         for ti, enc in enumerate(encodings):
             ids, offsets = enc.ids, enc.offsets
             n = len(ids)
@@ -289,13 +299,17 @@ class BundleClassifier(Classifier):
                 ce = offsets[e - 1][1] if e > s else 0
                 windows.append(Window(ti, wi, s, e, cs, ce))
                 items.append((ti, wi, [self.cls_id, *ids[s:e], self.sep_id]))
-            per_text.append((windows, n, scan))
+            per_text.append((windows, n, scan, len(texts[ti])))
+        return Prepared(items=items, per_text=per_text)
 
-        probs = self._run(items)
+    def classify_prepared(self, prepared: "Prepared") -> list[TextScores]:
+        if not prepared.per_text:
+            return []
+        probs = self._run(prepared.items)
         out = []
-        for ti, (windows, n, scan) in enumerate(per_text):
+        for ti, (windows, n, scan, length) in enumerate(prepared.per_text):
             rows = [probs[(ti, w.index)] for w in windows]
-            out.append(_aggregate(ti, windows, rows, self.heads, n, scan, len(texts[ti])))
+            out.append(_aggregate(ti, windows, rows, self.heads, n, scan, length))
         return out
 
     def _run(self, items: list[tuple[int, int, list[int]]]) -> dict[tuple[int, int], torch.Tensor]:

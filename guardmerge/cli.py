@@ -67,6 +67,33 @@ def _build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     m.add_argument("--no-progress", action="store_true")
 
+    e = sub.add_parser("eval", help="per-head accuracy / macro-F1 / confusion on labelled data")
+    e.add_argument("model", help="bundle or single-head classifier folder (or Hub id)")
+    e.add_argument("data", nargs="+", help="JSONL or CSV files with text, head, label")
+    e.add_argument("--source", action="append", default=[], metavar="HEAD=DIR",
+                   help="also evaluate this source model on HEAD (repeatable): the original column")
+    e.add_argument("--as-head", default=None,
+                   help="for a single-head model: the head name its data uses")
+    e.add_argument("--labels", default=None,
+                   help="for a single-head model: comma-separated names for its labels")
+    e.add_argument("--skip-bad", action="store_true", help="skip bad rows (each is reported)")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--dtype", default="float32")
+
+    se = sub.add_parser("search", help="Beta-sampled density search over merges")
+    se.add_argument("recipe")
+    se.add_argument("--eval", dest="eval_data", nargs="+", required=True, help="labelled data files")
+    se.add_argument("--trials", type=int, default=100)
+    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--beta", type=float, nargs=2, default=(2.0, 5.0), metavar=("A", "B"))
+    se.add_argument("--shared-density", action="store_true", help="one density for all models")
+    se.add_argument("--objective", default="mean", help="mean | min | head:NAME (of macro-F1)")
+    se.add_argument("--workers", type=int, default=1)
+    se.add_argument("--dtype", default="auto")
+    se.add_argument("-o", "--out", required=True, help="folder for trials.jsonl, best bundle, report")
+    se.add_argument("--resume", action="store_true")
+    se.add_argument("--no-progress", action="store_true")
+
     b = sub.add_parser("bench", help="benchmarks (not tests): runtime, merge, middleware")
     b_sub = b.add_subparsers(dest="bench_command", metavar="WHICH", parser_class=_Parser)
     br = b_sub.add_parser("runtime", help="window latency / throughput, fp32 vs bf16")
@@ -218,6 +245,79 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _single_head_view(clf: Any, as_head: str | None, labels: str | None) -> dict[str, str]:
+    from .labels import Head
+
+    if as_head is None and labels is None:
+        return {}
+    if len(clf.heads) != 1:
+        raise _UsageError("--as-head / --labels only apply to a single-head model")
+    h = clf.heads[0]
+    if labels:
+        names = [x.strip() for x in labels.split(",")]
+        if len(names) != h.size:
+            raise _UsageError(f"--labels gives {len(names)} names; the model has {h.size} labels")
+        clf.heads = (Head(name=h.name, labels=tuple(names), offset=0),)
+    return {h.name: as_head} if as_head else {}
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .classifier import BundleClassifier
+    from .evaluate import comparison_table, evaluate, load_examples, render_comparison
+
+    _quiet_transformers(args.verbose)
+    clf = BundleClassifier.from_pretrained(args.model, dtype=args.dtype)
+    rename = _single_head_view(clf, args.as_head, args.labels)
+    heads = [h if h.name not in rename else type(h)(name=rename[h.name], labels=h.labels)
+             for h in clf.heads]
+    examples = load_examples(args.data, heads=heads, skip_bad=args.skip_bad)
+    merged = evaluate(clf, examples, model=args.model, rename=rename)
+    originals = {}
+    for item in args.source:
+        head, sep, folder = item.partition("=")
+        if not sep:
+            raise _UsageError(f"--source {item!r}: expected HEAD=DIR")
+        src = BundleClassifier.from_pretrained(folder, dtype=args.dtype)
+        if len(src.heads) == 1 and head in merged.heads:
+            from .labels import Head
+
+            src.heads = (Head(name=src.heads[0].name, labels=tuple(merged.heads[head].labels),
+                              offset=0),)
+            originals[head] = evaluate(src, examples, model=folder, rename={src.heads[0].name: head})
+        else:
+            originals[head] = evaluate(src, examples, model=folder)
+    rows = comparison_table(merged, originals)
+    if args.json:
+        print(json.dumps({"model": merged.to_dict(), "sources": {k: v.to_dict() for k, v in
+                                                                originals.items()},
+                          "comparison": rows}, indent=2))
+    else:
+        print(merged.render())
+        if originals:
+            for head, rep in originals.items():
+                print(rep.render())
+        print()
+        print(render_comparison(rows))
+    return EXIT_OK
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .search import SearchSpec, run_search
+
+    _quiet_transformers(args.verbose)
+    spec = SearchSpec(trials=args.trials, seed=args.seed, beta=tuple(args.beta),
+                      shared_density=args.shared_density, objective=args.objective)
+    summary = run_search(args.recipe, args.eval_data, args.out, spec, workers=args.workers,
+                         dtype=args.dtype, resume=args.resume, progress=not args.no_progress)
+    best = summary["best"]
+    print(f"best trial {best['trial']}: score {best['score']:.4f}, densities "
+          f"{', '.join(f'{d:.3f}' for d in best['densities'])}")
+    for k in ("results", "best_bundle", "report"):
+        if k in summary:
+            print(f"{k.replace('_', ' ')}: {summary[k]}")
+    return EXIT_OK
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import _bench
 
@@ -249,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"scan": _cmd_scan, "inspect": _cmd_inspect, "merge": _cmd_merge,
-                "bench": _cmd_bench}
+                "bench": _cmd_bench, "eval": _cmd_eval, "search": _cmd_search}
     try:
         if args.command is None:
             parser.print_help(sys.stderr)

@@ -7,7 +7,8 @@ boundary where they happen, with ``raise ... from exc`` so the original stays at
     GuardmergeError
     ├── ConfigError              bad user configuration; names the file and the key path
     │   ├── PolicyError          a YAML policy is invalid, or does not fit the bundle's heads
-    │   └── RecipeError          a merge recipe is invalid
+    │   ├── RecipeError          a merge recipe is invalid
+    │   └── DataError            evaluation data has bad rows (file and line for each)
     ├── ModelLoadError           a bundle / model folder is missing, corrupt or inconsistent
     ├── MergeError               sources cannot be merged (shapes, names, configs, vocabularies)
     ├── ClassifierError          the guard model failed while scoring text (run time)
@@ -30,6 +31,7 @@ __all__ = [
     "ConfigError",
     "PolicyError",
     "RecipeError",
+    "DataError",
     "ModelLoadError",
     "MergeError",
     "ClassifierError",
@@ -72,6 +74,10 @@ class PolicyError(ConfigError):
 
 class RecipeError(ConfigError):
     """A merge recipe is invalid."""
+
+
+class DataError(ConfigError):
+    """Evaluation data has bad rows; ``problems`` lists each with its file and line."""
 
 
 class ModelLoadError(GuardmergeError):

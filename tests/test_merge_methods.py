@@ -148,6 +148,19 @@ def test_inputs_are_never_modified():
         merge_tensor(method, base, [x1, x2], [1.0, 2.0], [0.5, 0.5], seed=1, name="x")
     from guardmerge.merge import merge_task_vectors
 
-    merge_task_vectors("dare_ties", base, [x1, x2], [1.0, 1.0], [0.5, 0.5])
+    for method in ("task_arithmetic", "ties", "dare_ties", "dare_linear"):
+        merge_task_vectors(method, base, [x1, x2], [1.0, 1.0], [0.5, 0.5])
     for a, b in zip((base, x1, x2), copies):
         assert torch.equal(a, b)
+
+
+def test_task_vector_path_equals_source_path():
+    g = torch.Generator().manual_seed(8)
+    base, x1, x2 = (torch.randn(3000, generator=g) for _ in range(3))
+    from guardmerge.merge import merge_task_vectors
+
+    for method in ("task_arithmetic", "ties", "dare_ties", "dare_linear"):
+        a = merge_tensor(method, base, [x1, x2], [1.0, 2.0], [0.3, 0.6], lam=0.7, seed=4, name="t")
+        b = merge_task_vectors(method, base, [x1 - base, x2 - base], [1.0, 2.0], [0.3, 0.6],
+                               lam=0.7, seed=4, name="t")
+        assert torch.equal(a, b), method

@@ -159,8 +159,9 @@ def _merge_flat(m: Method, base: torch.Tensor, inputs: Sequence[torch.Tensor],
     b = base.reshape(-1)
     xs = [x.reshape(-1) for x in inputs]
     n = b.numel()
+    # .abs() (not .abs_()): for float32 task vectors .float() is the caller's own tensor
     masks = magnitude_masks(m, n, densities, lambda i: (
-        xs[i].float() if are_deltas else xs[i].float() - b.float()).abs_())
+        xs[i].float().abs() if are_deltas else (xs[i].float() - b.float()).abs_()))
     gens = [dare_generator(seed, name, i) for i in range(len(xs))] if m.sparsify == "dare" else []
     out = torch.empty(n, dtype=torch.float32)
     for start in range(0, n, CHUNK):

@@ -150,7 +150,7 @@ class MergeRecipe:
                           f"(also models[{heads_seen[head]}].head)")
                 heads_seen[head] = i
             labels = None
-            if "labels" in m:
+            if m.get("labels") is not None:
                 got = c.string_list(m["labels"], f"{path}.labels", allow_single=False)
                 if got is not None:
                     dupes = sorted({x for x in got if got.count(x) > 1})

@@ -1,0 +1,267 @@
+"""Evaluation: labelled data -> per-head accuracy, macro-F1, per-label precision / recall,
+confusion matrices; and the paper's Table-1 comparison of source models vs the merged bundle.
+
+Data: JSONL (``{"text": ..., "head": ..., "label": ...}`` per line) or CSV with columns
+``text,head,label``; several files at once. Bad rows (missing fields, empty text, unknown head
+or label) are errors naming the file and line, all reported together; ``skip_bad=True`` skips
+them with a warning per row instead. Texts go through the production chunking (windows, max
+over windows).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .exceptions import DataError
+from .labels import Head
+
+__all__ = ["Example", "load_examples", "check_examples", "metrics", "HeadReport", "EvalReport",
+           "evaluate", "comparison_table", "render_comparison"]
+
+logger = logging.getLogger("guardmerge.evaluate")
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    head: str
+    label: str
+    source: str = ""
+    line: int = 0
+
+
+def _rows(path: Path) -> Iterable[tuple[int, Any]]:
+    suffix = path.suffix.lower()
+    with open(path, encoding="utf-8", newline="") as fh:
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            for n, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield n, exc
+        elif suffix in (".csv", ".tsv"):
+            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+            for row in reader:
+                yield reader.line_num, row
+        else:
+            raise DataError(f"{path}: unknown data format {suffix!r} (use .jsonl or .csv)")
+
+
+def load_examples(paths: Sequence[str | os.PathLike[str]], *, heads: Sequence[Head] | None = None,
+                  skip_bad: bool = False) -> list[Example]:
+    """Read examples from JSONL / CSV files; with ``heads``, check every head and label too."""
+    problems: list[str] = []
+    examples: list[Example] = []
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            problems.append(f"{path}: no such file")
+            continue
+        for line, row in _rows(path):
+            where = f"{path}:{line}"
+            if isinstance(row, Exception):
+                problems.append(f"{where}: not valid JSON ({row})")
+                continue
+            if not isinstance(row, Mapping):
+                problems.append(f"{where}: expected an object with text, head, label")
+                continue
+            missing = [k for k in ("text", "head", "label") if row.get(k) in (None, "")]
+            if "text" not in missing and not str(row["text"]).strip():
+                missing.append("text")
+            if missing:
+                problems.append(f"{where}: missing or empty {', '.join(sorted(set(missing)))}")
+                continue
+            examples.append(Example(text=str(row["text"]), head=str(row["head"]),
+                                    label=str(row["label"]), source=str(path), line=line))
+    if heads is not None:
+        bad = check_examples(examples, heads)
+        problems.extend(bad)
+        if skip_bad and bad:
+            bad_at = {p.split(": ", 1)[0] for p in bad}
+            examples = [e for e in examples if f"{e.source}:{e.line}" not in bad_at]
+    if problems:
+        if not skip_bad:
+            raise DataError(problems)
+        for prob in problems:
+            logger.warning("skipped bad row: %s", prob)
+    if not examples:
+        raise DataError(f"no usable examples in {', '.join(str(p) for p in paths)}")
+    return examples
+
+
+def check_examples(examples: Sequence[Example], heads: Sequence[Head]) -> list[str]:
+    by_name = {h.name: h for h in heads}
+    problems = []
+    for e in examples:
+        head = by_name.get(e.head)
+        if head is None:
+            problems.append(f"{e.source}:{e.line}: unknown head {e.head!r} "
+                            f"(the model has: {', '.join(by_name)})")
+        elif e.label not in head.labels:
+            problems.append(f"{e.source}:{e.line}: head {e.head!r} has no label {e.label!r} "
+                            f"(its labels: {', '.join(head.labels)})")
+    return problems
+
+
+def metrics(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 (over all ``labels``), per-label precision / recall / F1 / support,
+    and the confusion matrix (rows: true label, columns: predicted label)."""
+    index = {lab: i for i, lab in enumerate(labels)}
+    matrix = [[0] * len(labels) for _ in labels]
+    for t, p in zip(y_true, y_pred):
+        matrix[index[t]][index[p]] += 1
+    per_label: dict[str, dict[str, float]] = {}
+    for i, lab in enumerate(labels):
+        tp = matrix[i][i]
+        predicted = sum(matrix[r][i] for r in range(len(labels)))
+        actual = sum(matrix[i])
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_label[lab] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    n = len(y_true)
+    correct = sum(matrix[i][i] for i in range(len(labels)))
+    return {"n": n, "accuracy": correct / n if n else 0.0,
+            "macro_f1": sum(v["f1"] for v in per_label.values()) / len(labels) if labels else 0.0,
+            "per_label": per_label, "confusion": matrix, "labels": list(labels)}
+
+
+@dataclass
+class HeadReport:
+    head: str
+    labels: list[str]
+    n: int
+    accuracy: float
+    macro_f1: float
+    per_label: dict[str, dict[str, float]]
+    confusion: list[list[int]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"head": self.head, "labels": self.labels, "n": self.n, "accuracy": self.accuracy,
+                "macro_f1": self.macro_f1, "per_label": self.per_label, "confusion": self.confusion}
+
+
+@dataclass
+class EvalReport:
+    model: str
+    heads: dict[str, HeadReport] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def mean_macro_f1(self) -> float:
+        return sum(h.macro_f1 for h in self.heads.values()) / len(self.heads) if self.heads else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "mean_macro_f1": self.mean_macro_f1, "seconds": self.seconds,
+                "heads": {k: v.to_dict() for k, v in self.heads.items()}}
+
+    def render(self) -> str:
+        lines = [f"model: {self.model}"]
+        for h in self.heads.values():
+            lines.append(f"  head {h.head}: n={h.n} accuracy={h.accuracy:.4f} "
+                         f"macro-F1={h.macro_f1:.4f}")
+            width = max(len(lab) for lab in h.labels)
+            lines.append(f"    {'label':<{width}}  precision  recall     f1  support")
+            for lab in h.labels:
+                m = h.per_label[lab]
+                lines.append(f"    {lab:<{width}}  {m['precision']:9.4f}  {m['recall']:6.4f}  "
+                             f"{m['f1']:.4f}  {int(m['support']):7d}")
+            lines.append(f"    confusion (rows true, columns predicted): {h.confusion}")
+        lines.append(f"  mean macro-F1 over heads: {self.mean_macro_f1:.4f}")
+        return "\n".join(lines)
+
+
+def report_from_predictions(model: str, examples: Sequence[Example], predictions: Sequence[str],
+                            heads: Sequence[Head]) -> EvalReport:
+    report = EvalReport(model=model)
+    for head in heads:
+        idx = [i for i, e in enumerate(examples) if e.head == head.name]
+        if not idx:
+            continue
+        m = metrics([examples[i].label for i in idx], [predictions[i] for i in idx], head.labels)
+        report.heads[head.name] = HeadReport(head=head.name, labels=list(head.labels), n=m["n"],
+                                             accuracy=m["accuracy"], macro_f1=m["macro_f1"],
+                                             per_label=m["per_label"], confusion=m["confusion"])
+    return report
+
+
+def predict(scores: Sequence[Any], examples: Sequence[Example], heads: Sequence[Head]) -> list[str]:
+    """The predicted label of each example's head: the label with the highest score."""
+    out = []
+    for s, e in zip(scores, examples):
+        hs = s.heads[e.head]
+        out.append(max(hs.labels, key=lambda lab: hs.scores[lab]))
+    return out
+
+
+def evaluate(classifier: Any, examples: Sequence[Example], *, model: str = "",
+             rename: Mapping[str, str] | None = None) -> EvalReport:
+    """Score ``examples`` with ``classifier`` (production chunking) and report per head.
+
+    ``rename``: classifier head name -> data head name (for a single-head source model whose
+    folder name differs from the bundle's head name).
+    """
+    import time
+
+    heads = list(classifier.heads)
+    if rename:
+        heads = [Head(name=rename.get(h.name, h.name), labels=h.labels, offset=h.offset)
+                 for h in heads]
+    wanted = {h.name for h in heads}
+    examples = [e for e in examples if e.head in wanted]
+    problems = check_examples(examples, heads)
+    if problems:
+        raise DataError(problems)
+    start = time.perf_counter()
+    texts = sorted({e.text for e in examples})
+    position = {t: i for i, t in enumerate(texts)}
+    scored = classifier.classify(texts)
+    back = {h.name: orig.name for h, orig in zip(heads, classifier.heads)}
+    preds = []
+    for e in examples:
+        hs = scored[position[e.text]].heads[back[e.head]]
+        preds.append(max(hs.labels, key=lambda lab: hs.scores[lab]))
+    report = report_from_predictions(model or getattr(classifier, "fingerprint", ""), examples,
+                                     preds, heads)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def comparison_table(merged: EvalReport, originals: Mapping[str, EvalReport]) -> list[dict[str, Any]]:
+    """Rows per head: original vs merged macro-F1 and accuracy (the paper's Table 1)."""
+    rows = []
+    for head, report in merged.heads.items():
+        orig = originals.get(head)
+        o = orig.heads.get(head) if orig else None
+        rows.append({"head": head, "n": report.n,
+                     "original_f1": o.macro_f1 if o else None, "merged_f1": report.macro_f1,
+                     "original_acc": o.accuracy if o else None, "merged_acc": report.accuracy})
+    return rows
+
+
+def render_comparison(rows: Sequence[Mapping[str, Any]]) -> str:
+    def fmt(v: Any) -> str:
+        return "   -  " if v is None else f"{v:.4f}"
+
+    lines = [f"{'head':<16} {'n':>6}  {'original F1':>11}  {'merged F1':>9}  {'delta':>7}  "
+             f"{'orig acc':>8}  {'merged acc':>10}"]
+    for r in rows:
+        delta = None if r["original_f1"] is None else r["merged_f1"] - r["original_f1"]
+        lines.append(f"{r['head']:<16} {r['n']:>6}  {fmt(r['original_f1']):>11}  "
+                     f"{fmt(r['merged_f1']):>9}  {('   -  ' if delta is None else f'{delta:+.4f}'):>7}  "
+                     f"{fmt(r['original_acc']):>8}  {fmt(r['merged_acc']):>10}")
+    have = [r for r in rows if r["original_f1"] is not None]
+    if rows:
+        avg_m = sum(r["merged_f1"] for r in rows) / len(rows)
+        avg_o = sum(r["original_f1"] for r in have) / len(have) if have else None
+        lines.append(f"{'average':<16} {'':>6}  {fmt(avg_o):>11}  {fmt(avg_m):>9}  "
+                     f"{('   -  ' if avg_o is None else f'{avg_m - avg_o:+.4f}'):>7}")
+    return "\n".join(lines)

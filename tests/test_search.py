@@ -1,0 +1,155 @@
+"""Model search: finds a known-better density, resumes, is invariant to the worker count."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from guardmerge import BundleClassifier
+from guardmerge.evaluate import Example, evaluate
+from guardmerge.merge import MergeRecipe
+from guardmerge.search import SearchSpec, TrialContext, read_results, run_search, trial_densities
+from guardmerge.testing import TRIGGER, build_tokenizer, build_trigger_model, random_text, save_model_folder
+
+
+def _build_case(root: Path, sigma: float = 0.1):
+    """A source = the hand-wired trigger detector + dense noise; the base lacks the wiring.
+
+    Its task vector is a few large useful entries plus many small harmful ones: TIES at a low
+    density keeps the wiring and drops the noise (macro-F1 1.0), density 1 keeps it all (~0.58).
+    """
+    tok = build_tokenizer()
+    model, _ = build_trigger_model(tok, head_layout={"jailbreak": ["benign", "jailbreak"]})
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    base = {k: v.clone() for k, v in sd.items()}
+    for k in ("bert.encoder.layer.0.attention.self.value.weight",
+              "bert.encoder.layer.0.attention.output.dense.weight", "bert.pooler.dense.weight"):
+        base[k][0, 0] = 0.0
+    base["classifier.weight"].zero_()
+    base["classifier.bias"].zero_()
+    g = torch.Generator().manual_seed(0)
+    noisy = {k: v + sigma * torch.randn(v.shape, generator=g)
+             if v.is_floating_point() and "LayerNorm" not in k else v.clone() for k, v in sd.items()}
+    model.load_state_dict(noisy)
+    model.config.id2label = {0: "benign", 1: "jailbreak"}
+    model.config.label2id = {"benign": 0, "jailbreak": 1}
+    src = save_model_folder(model, tok, root / "jb-noisy")
+    model.load_state_dict(base)
+    b = save_model_folder(model, tok, root / "base")
+    return b, src
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    base, src = _build_case(root)
+    examples = []
+    for i in range(40):
+        trig = i % 2 == 0
+        text = random_text(20 + (i * 7) % 60, seed=i, insert={(i * 3) % 20: TRIGGER} if trig else None)
+        examples.append(Example(text, "jailbreak", "jailbreak" if trig else "benign"))
+    data = root / "eval.jsonl"
+    data.write_text("\n".join(json.dumps({"text": e.text, "head": e.head, "label": e.label})
+                              for e in examples))
+    recipe = {"base": str(base), "method": "ties", "seed": 0,
+              "models": [{"model": str(src), "head": "jailbreak"}]}
+    return {"root": root, "recipe": recipe, "data": data, "examples": examples, "source": src}
+
+
+def test_densities_depend_only_on_seed_and_trial():
+    spec = SearchSpec(trials=5, seed=3, beta=(2, 5))
+    assert trial_densities(spec, 2, 2) == trial_densities(spec, 2, 2)
+    assert trial_densities(spec, 2, 2) != trial_densities(spec, 3, 2)
+    shared, _ = trial_densities(SearchSpec(seed=3, shared_density=True), 1, 3)
+    assert len(set(shared)) == 1
+    d, _ = trial_densities(SearchSpec(seed=1, beta=(0.05, 50)), 0, 4)
+    assert all(0.01 <= x <= 1.0 for x in d)
+
+
+def test_search_finds_the_better_low_density(case, tmp_path):
+    ctx = TrialContext(MergeRecipe.from_dict(case["recipe"]), case["examples"], dtype="float32")
+    ctx.load("ties", [1.0], 0)
+    full = ctx.evaluate().heads["jailbreak"].macro_f1
+    assert full < 0.8  # keeping the whole noisy task vector hurts
+    spec = SearchSpec(trials=6, seed=1, beta=(2.0, 8.0))
+    summary = run_search(case["recipe"], [case["data"]], tmp_path / "s", spec, dtype="float32")
+    best = summary["best"]
+    assert best["score"] == 1.0 and best["densities"][0] < 0.5
+    # the saved best bundle is exactly the evaluated candidate
+    clf = BundleClassifier.from_pretrained(summary["best_bundle"])
+    assert evaluate(clf, case["examples"]).heads["jailbreak"].macro_f1 == best["score"]
+    report = Path(summary["report"]).read_text()
+    assert "Original vs best merge" in report and "self-merge" in report
+    from guardmerge.report import have_matplotlib
+
+    if have_matplotlib():
+        for png in ("density_vs_f1.png", "f1_original_vs_merged.png", "confusion_jailbreak.png"):
+            assert (tmp_path / "s" / png).stat().st_size > 1000
+            assert f"]({png})" in report
+    header, trials = read_results(summary["results"])
+    assert header["type"] == "search" and [t.trial for t in trials] == list(range(6))
+
+
+def test_resume_after_interruption(case, tmp_path):
+    spec = SearchSpec(trials=4, seed=2)
+    out = tmp_path / "s"
+    full = run_search(case["recipe"], [case["data"]], tmp_path / "full", spec, dtype="float32",
+                      save_best=False, compare_sources=False, report=False)
+    run_search(case["recipe"], [case["data"]], out, SearchSpec(trials=2, seed=2), dtype="float32",
+               save_best=False, compare_sources=False, report=False)
+    with pytest.raises(Exception, match="different search"):  # spec differs: refused
+        run_search(case["recipe"], [case["data"]], out, spec, dtype="float32", resume=True,
+                   save_best=False, compare_sources=False, report=False)
+    # simulate an interruption of the 4-trial search after 2 trials and a half-written line
+    lines = (tmp_path / "full" / "trials.jsonl").read_text().splitlines()
+    (out / "trials.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
+    with pytest.raises(Exception, match="already exists"):
+        run_search(case["recipe"], [case["data"]], out, spec, dtype="float32",
+                   save_best=False, compare_sources=False, report=False)
+    resumed = run_search(case["recipe"], [case["data"]], out, spec, dtype="float32", resume=True,
+                         save_best=False, compare_sources=False, report=False)
+    assert resumed["best"] == full["best"]
+    _, a = read_results(out / "trials.jsonl")
+    _, b = read_results(tmp_path / "full" / "trials.jsonl")
+    assert [(t.trial, t.densities, t.score) for t in a] == [(t.trial, t.densities, t.score) for t in b]
+
+
+def test_worker_count_does_not_change_results(case, tmp_path):
+    spec = SearchSpec(trials=4, seed=5)
+    one = run_search(case["recipe"], [case["data"]], tmp_path / "w1", spec, dtype="float32",
+                     save_best=False, compare_sources=False, report=False)
+    two = run_search(case["recipe"], [case["data"]], tmp_path / "w2", spec, dtype="float32",
+                     workers=2, save_best=False, compare_sources=False, report=False)
+    _, a = read_results(tmp_path / "w1" / "trials.jsonl")
+    _, b = read_results(tmp_path / "w2" / "trials.jsonl")
+    assert [(t.trial, t.seed, t.densities, t.heads) for t in a] == \
+        [(t.trial, t.seed, t.densities, t.heads) for t in b]
+    assert one["best"] == two["best"]
+
+
+def test_cli_search(case, tmp_path, capsys):
+    import yaml
+
+    from guardmerge.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**case["recipe"], "method": "dare_ties"}))
+    assert main(["search", str(recipe), "--eval", str(case["data"]), "--trials", "3", "--seed", "0",
+                 "--dtype", "float32", "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "best trial" in out and "report:" in out
+    assert (tmp_path / "out" / "best-bundle" / "guardmerge.json").exists()
+
+
+def test_report_without_matplotlib_still_has_the_numbers(case, tmp_path, monkeypatch):
+    import guardmerge.report as report
+
+    monkeypatch.setattr(report, "have_matplotlib", lambda: False)
+    summary = run_search(case["recipe"], [case["data"]], tmp_path / "s", SearchSpec(trials=2, seed=0),
+                         dtype="float32", save_best=False)
+    text = Path(summary["report"]).read_text()
+    assert "Plots skipped" in text and "| trial | score |" in text and "original F1" in text
+    assert not list((tmp_path / "s").glob("*.png"))
