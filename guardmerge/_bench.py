@@ -195,3 +195,66 @@ output: {rules: [{head: jailbreak, labels: [jailbreak], block: 0.9}]}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return results
+
+
+def search(*, texts: int = 1000, words: int = 40, trials: int = 3, layers: int = 12,
+           hidden: int = 768, dtypes: Sequence[str] = ("float32", "bfloat16"),
+           workdir: str | None = None) -> dict[str, Any]:
+    """Trials per hour of the density search: two BERT-base-sized sources, ``texts`` texts."""
+    from ._merge_bench import build_inputs
+    from .evaluate import Example
+    from .merge.recipe import MergeRecipe
+    from .search import SearchSpec, TrialContext, run_trial
+    from .testing import bert_base_vocab, random_text
+
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="guardmerge-bench-"))
+    results: dict[str, Any] = {"machine": _machine()}
+    try:
+        paths = build_inputs(root / f"inputs-{layers}x{hidden}", layers=layers, hidden=hidden)
+        vocab = bert_base_vocab()[:20000]
+        labels = {"jailbreak": ["benign", "jailbreak"], "hate": ["hate speech", "normal", "offensive"]}
+        examples = []
+        for i in range(texts):
+            head = "jailbreak" if i % 2 == 0 else "hate"
+            examples.append(Example(random_text(words, seed=i, words=vocab), head,
+                                    labels[head][i % len(labels[head])]))
+        recipe = MergeRecipe.from_dict({
+            "base": str(paths["base"]), "method": "dare_ties",
+            "models": [{"model": str(paths["jb"]), "head": "jailbreak", "labels": labels["jailbreak"]},
+                       {"model": str(paths["hate"]), "head": "hate", "labels": labels["hate"]}]})
+        spec = SearchSpec(trials=trials, seed=0)
+        print(f"# guardmerge bench search: {_machine()}")
+        print(f"# two BERT {layers}x{hidden} sources (random weights, built locally), dare_ties, "
+              f"{texts} evaluation texts of ~{words} words")
+        print(f"{'dtype':<9} {'setup s':>8} {'merge s':>8} {'eval s':>8} {'trial s':>8} "
+              f"{'trials/h':>9} {'500 trials':>11}")
+        for dtype in dtypes:
+            t = time.perf_counter()
+            ctx = TrialContext(recipe, examples, dtype=dtype)
+            setup = time.perf_counter() - t
+            n_windows = len(ctx.prepared.items)
+            per, merge_t, eval_t = [], [], []
+            for k in range(trials):
+                t0 = time.perf_counter()
+                densities, seed = __import__("guardmerge.search", fromlist=["x"]).trial_densities(
+                    spec, k, 2)
+                ctx.load(recipe.method, densities, seed)
+                t1 = time.perf_counter()
+                ctx.evaluate()
+                t2 = time.perf_counter()
+                merge_t.append(t1 - t0)
+                eval_t.append(t2 - t1)
+                per.append(t2 - t0)
+            trial_s = statistics.median(per)
+            results[dtype] = {"setup_s": setup, "trial_s": trial_s, "merge_s": statistics.median(merge_t),
+                              "eval_s": statistics.median(eval_t), "trials_per_hour": 3600 / trial_s,
+                              "windows": n_windows}
+            print(f"{dtype:<9} {setup:>8.1f} {statistics.median(merge_t):>8.2f} "
+                  f"{statistics.median(eval_t):>8.2f} {trial_s:>8.2f} {3600 / trial_s:>9.0f} "
+                  f"{500 * trial_s / 60:>9.1f} min")
+            del ctx
+        _ = run_trial  # the same unit a worker pool or a cluster engine runs
+    finally:
+        if not workdir:
+            shutil.rmtree(root, ignore_errors=True)
+    return results

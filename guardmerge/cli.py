@@ -94,7 +94,7 @@ def _build_parser() -> argparse.ArgumentParser:
     se.add_argument("--resume", action="store_true")
     se.add_argument("--no-progress", action="store_true")
 
-    b = sub.add_parser("bench", help="benchmarks (not tests): runtime, merge, middleware")
+    b = sub.add_parser("bench", help="benchmarks (not tests): runtime, merge, middleware, search")
     b_sub = b.add_subparsers(dest="bench_command", metavar="WHICH", parser_class=_Parser)
     br = b_sub.add_parser("runtime", help="window latency / throughput, fp32 vs bf16")
     br.add_argument("--layers", type=int, default=12)
@@ -108,6 +108,11 @@ def _build_parser() -> argparse.ArgumentParser:
     bw = b_sub.add_parser("middleware", help="guard wrapper overhead per call; history cache")
     bw.add_argument("--calls", type=int, default=2000)
     bw.add_argument("--turns", type=int, default=20)
+    bs = b_sub.add_parser("search", help="trials per hour of the density search, fp32 vs bf16")
+    bs.add_argument("--texts", type=int, default=1000)
+    bs.add_argument("--words", type=int, default=40)
+    bs.add_argument("--trials", type=int, default=3)
+    bs.add_argument("--workdir", default=None)
     bm = b_sub.add_parser("merge", help="merge wall time and peak RSS, optionally vs mergekit")
     bm.add_argument("--layers", type=int, default=12)
     bm.add_argument("--hidden", type=int, default=768)
@@ -329,6 +334,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.bench_command == "middleware":
         _bench.middleware(calls=args.calls, turns=args.turns)
+        return EXIT_OK
+    if args.bench_command == "search":
+        _bench.search(texts=args.texts, words=args.words, trials=args.trials, workdir=args.workdir)
         return EXIT_OK
     if args.bench_command == "merge":
         _bench.merge(layers=args.layers, hidden=args.hidden, methods=args.methods.split(","),
