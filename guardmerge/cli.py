@@ -94,6 +94,12 @@ def _build_parser() -> argparse.ArgumentParser:
     se.add_argument("--resume", action="store_true")
     se.add_argument("--no-progress", action="store_true")
 
+    bg = sub.add_parser("build-guards", help="fine-tune real guard heads from packaged data and "
+                        "merge them (offline; cached)")
+    bg.add_argument("-o", "--out", default=".guardmerge-cache/guards")
+    bg.add_argument("--quick", action="store_true", help="a fraction of the data (smoke run)")
+    bg.add_argument("--trials", type=int, default=12, help="density-search trials (0: none)")
+
     b = sub.add_parser("bench", help="benchmarks (not tests): runtime, merge, middleware, search")
     b_sub = b.add_subparsers(dest="bench_command", metavar="WHICH", parser_class=_Parser)
     br = b_sub.add_parser("runtime", help="window latency / throughput, fp32 vs bf16")
@@ -323,6 +329,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_build_guards(args: argparse.Namespace) -> int:
+    from ._build import build_guards
+
+    _quiet_transformers(args.verbose)
+    summary = build_guards(args.out, scale=0.15 if args.quick else 1.0, search_trials=args.trials)
+    print(f"bundle: {summary['bundle']} ({summary['chosen']})")
+    return EXIT_OK
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import _bench
 
@@ -357,7 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"scan": _cmd_scan, "inspect": _cmd_inspect, "merge": _cmd_merge,
-                "bench": _cmd_bench, "eval": _cmd_eval, "search": _cmd_search}
+                "bench": _cmd_bench, "eval": _cmd_eval, "search": _cmd_search,
+                "build-guards": _cmd_build_guards}
     try:
         if args.command is None:
             parser.print_help(sys.stderr)
