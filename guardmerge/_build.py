@@ -187,6 +187,26 @@ def finetune(base: Path, train: Sequence[tuple[str, str]], labels: Sequence[str]
     return {**info, "cached": False}
 
 
+def task_vector_norms(base: Path, sources: Sequence[Path]) -> list[float]:
+    """L2 norm of each source's task vector over the encoder (output layers excluded)."""
+    from .merge.run import MergePlan
+    from .merge.recipe import MergeRecipe
+
+    plan = MergePlan(MergeRecipe.from_dict({"base": str(base), "method": "task_arithmetic",
+                                            "models": [{"model": str(s)} for s in sources]}))
+    try:
+        totals = [0.0] * len(sources)
+        for name in plan.names:
+            if name in plan.head_tensors or not plan.specs[name].dtype.is_floating_point:
+                continue
+            b = plan.base_index.get(plan.base_names[name]).float()
+            for i, src in enumerate(plan.sources):
+                totals[i] += float((src.index.get(name).float() - b).pow(2).sum())
+    finally:
+        plan.close()
+    return [math.sqrt(t) for t in totals]
+
+
 def _write_jsonl(path: Path, heads: dict[str, HeadData], split: str) -> Path:
     rows = [{"text": t, "head": h.name, "label": lab} for h in heads.values()
             for t, lab in getattr(h, split)]
@@ -210,7 +230,7 @@ def build_guards(out: str | os.PathLike[str] = ".guardmerge-cache/guards", *, sc
     summary_path = out / "summary.json"
     base = base or ds.minilm_path()
     heads = heads or head_datasets(scale)
-    epochs = epochs or {"jailbreak": 2, "toxicity": 3, "sentiment": 1}
+    epochs = epochs or {"jailbreak": 2, "toxicity": 3, "sentiment": 3}
     data_dir = out / "data"
     files = {split: _write_jsonl(data_dir / f"{split}.jsonl", heads, split)
              for split in ("train", "val", "test")}
@@ -234,6 +254,13 @@ def build_guards(out: str | os.PathLike[str] = ".guardmerge-cache/guards", *, sc
             f"{info['seconds']:.0f}s{' (cached)' if info['cached'] else ''}")
 
     models = [{"model": str(sources[n]), "head": n} for n in heads]
+    # task vectors differ in size by an order of magnitude (epochs, data); "balanced" weights
+    # scale each to the mean norm so one task does not drown the others
+    norms = task_vector_norms(base, [sources[n] for n in heads])
+    mean_norm = sum(norms) / len(norms)
+    balanced = [{**m, "weight": round(mean_norm / nrm, 4)} for m, nrm in zip(models, norms)]
+    summary["task_vector_norms"] = dict(zip(heads, norms))
+    log("task-vector norms: " + ", ".join(f"{n} {v:.1f}" for n, v in zip(heads, norms)))
     val = load_examples([files["val"]])
     test = load_examples([files["test"]])
     candidates: dict[str, dict[str, Any]] = {
@@ -244,23 +271,36 @@ def build_guards(out: str | os.PathLike[str] = ".guardmerge-cache/guards", *, sc
         "dare_ties 0.5": {"method": "dare_ties", "head_mode": "merge", "parameters": {"density": 0.5}},
         "dare_ties 0.5 (owner heads)": {"method": "dare_ties", "head_mode": "owner",
                                         "parameters": {"density": 0.5}},
+        "ties 0.3, lambda 2, balanced": {"method": "ties", "head_mode": "merge",
+                                         "parameters": {"density": 0.3, "lambda": 2.0},
+                                         "models": balanced},
+        "dare_ties 0.3, lambda 2, balanced": {"method": "dare_ties", "head_mode": "merge",
+                                              "parameters": {"density": 0.3, "lambda": 2.0},
+                                              "models": balanced},
     }
     val_scores: dict[str, float] = {}
     bundles: dict[str, Path] = {}
     for label, cfg in candidates.items():
         recipe = {"base": str(base), "seed": 0, "models": models, **cfg}
+        if "models" in cfg:
+            recipe["models"] = [{k: v for k, v in m.items()} for m in cfg["models"]]
         path = out / "bundles" / label.replace(" ", "_").replace("(", "").replace(")", "")
         bundles[label] = merge(recipe, path, overwrite=True)
         clf = BundleClassifier.from_pretrained(path, dtype="auto")
         val_scores[label] = evaluate(clf, val).mean_macro_f1
         log(f"merged {label:<28} validation mean macro-F1 {val_scores[label]:.4f}")
     if search_trials:
-        best_mode = "owner" if max(val_scores[k] for k in val_scores if "owner" in k) >= \
-            max(val_scores[k] for k in val_scores if "owner" not in k) else "merge"
+        # search the densities of the best configuration so far (on validation data only)
+        lead = max(val_scores, key=lambda k: val_scores[k])
+        cfg = candidates[lead]
+        search_recipe = {"base": str(base), "method": "dare_ties", "head_mode": cfg["head_mode"],
+                         "parameters": {"lambda": cfg.get("parameters", {}).get("lambda", 1.0)},
+                         "models": [{k: v for k, v in m.items() if k != "density"}
+                                    for m in cfg.get("models", models)]}
         spec = SearchSpec(trials=search_trials, seed=0, beta=(2.0, 5.0))
-        res = run_search({"base": str(base), "method": "dare_ties", "head_mode": best_mode,
-                          "models": models}, [files["val"]], out / "search", spec, dtype="auto",
-                         resume=(out / "search" / "trials.jsonl").exists(), progress=progress,
+        search_dir = out / "search" / _key(search_recipe)[:12]
+        res = run_search(search_recipe, [files["val"]], search_dir, spec, dtype="auto",
+                         resume=(search_dir / "trials.jsonl").exists(), progress=progress,
                          compare_sources=False, report=True)
         label = f"dare_ties search ({search_trials} trials)"
         bundles[label] = Path(res["best_bundle"])

@@ -115,7 +115,8 @@ def test_python_dash_m_entry_point():
 def test_public_api_is_exactly_all():
     public = {n for n in dir(guardmerge) if not n.startswith("_")}
     modules = {"bundle", "chunking", "classifier", "exceptions", "guard", "labels", "policy",
-               "verdict", "cli", "testing", "merge", "client", "evaluate", "search", "report"}
+               "verdict", "cli", "testing", "merge", "client", "evaluate", "search", "report",
+               "datasets"}
     assert public - modules == set(guardmerge.__all__) - {"__version__"}
     for name in guardmerge.__all__:
         assert getattr(guardmerge, name) is not None
