@@ -123,6 +123,12 @@ def _transport_error(exc: httpx.HTTPError) -> _Retryable:
     return _Retryable(UpstreamError(f"upstream connection failed: {type(exc).__name__}: {exc}"))
 
 
+def _stream_error(exc: httpx.HTTPError) -> UpstreamError:
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"upstream stream timed out ({type(exc).__name__})")
+    return UpstreamError(f"upstream connection dropped mid-stream: {type(exc).__name__}: {exc}")
+
+
 def _parse_json(body: str) -> Any:
     try:
         return json.loads(body)
@@ -205,11 +211,8 @@ class ChatStream:
                 yield event
             if not parser.done:
                 raise UpstreamError("upstream stream ended before [DONE] (connection dropped?)")
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"upstream stream timed out ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamError(f"upstream connection dropped mid-stream: {type(exc).__name__}: "
-                                f"{exc}") from exc
+            raise _stream_error(exc) from exc
         finally:
             self.response.close()
 
@@ -299,11 +302,8 @@ class AsyncChatStream:
                 yield event
             if not parser.done:
                 raise UpstreamError("upstream stream ended before [DONE] (connection dropped?)")
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"upstream stream timed out ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamError(f"upstream connection dropped mid-stream: {type(exc).__name__}: "
-                                f"{exc}") from exc
+            raise _stream_error(exc) from exc
         finally:
             await self.response.aclose()
 

@@ -68,32 +68,26 @@ class TensorIndex:
     def names(self) -> set[str]:
         return set(self.specs)
 
-    def get(self, name: str) -> torch.Tensor:
-        f, data_start, info = self._where[name]
+    def _handle(self, f: Path) -> Any:
         handles = getattr(self._local, "handles", None)
         if handles is None:
             handles = self._local.handles = {}
         fh = handles.get(f)
-        try:
-            if fh is None:
-                fh = handles[f] = open(f, "rb")  # noqa: SIM115 - closed in close()
-                self._opened().append(fh)
-            return read_tensor(fh, data_start, info)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{f}: cannot read tensor {name!r}: {exc}") from exc
+        if fh is None:
+            fh = handles[f] = open(f, "rb")  # noqa: SIM115 - closed in close()
+            self._opened().append(fh)
+        return fh
 
-    def get_block(self, name: str, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
-        """Elements ``start:start+count`` of tensor ``name`` (flattened), read into ``out``."""
+    def get(self, name: str) -> torch.Tensor:
+        return self.get_block(name, 0, None)
+
+    def get_block(self, name: str, start: int, count: int | None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``name`` whole (``count=None``), or its flattened elements
+        ``start:start+count`` read into ``out``."""
         f, data_start, info = self._where[name]
-        handles = getattr(self._local, "handles", None)
-        if handles is None:
-            handles = self._local.handles = {}
-        fh = handles.get(f)
         try:
-            if fh is None:
-                fh = handles[f] = open(f, "rb")  # noqa: SIM115 - closed in close()
-                self._opened().append(fh)
-            return read_tensor(fh, data_start, info, start=start, count=count, out=out)
+            return read_tensor(self._handle(f), data_start, info, start=start, count=count, out=out)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"{f}: cannot read tensor {name!r}: {exc}") from exc
 
