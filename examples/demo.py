@@ -69,8 +69,9 @@ def main() -> int:
     jailbreak = next(r["text"] for r in test if r["head"] == "jailbreak" and
                      r["label"] == "jailbreak" and 80 < n_tok(r["text"]) < 300 and
                      guard.check_text(r["text"]).blocked)
-    toxic = next((r["text"] for r in test if r["head"] == "toxicity" and r["label"] != "normal"
-                  and guard.check_text(r["text"]).action.value != "pass"), None)
+    toxic_rows = [r["text"] for r in test if r["head"] == "toxicity" and r["label"] != "normal"]
+    toxic = next((t for t in toxic_rows if guard.check_text(t).flagged), None) or \
+        next((t for t in toxic_rows if not guard.check_text(t).passed), None)
     benign = ("Here is the plot of a film I am writing. The story follows a retired lighthouse "
               "keeper who restores an old boat with his granddaughter, and over one summer they "
               "sail along the coast, meet fishermen and painters, and learn to forgive each other "
@@ -86,7 +87,7 @@ def main() -> int:
                                            "idiot and I hope you die"),
     ]
     if toxic:
-        prompts.insert(2, ("held-out toxic prompt (first one the bundle catches)", toxic))
+        prompts.insert(2, ("held-out toxic prompt (the first one the bundle flags)", toxic))
     with OpenAICompatServer(reply=llm_stand_in) as server:
         client = guard_client(openai.OpenAI(base_url=server.url, api_key="local", max_retries=0),
                               guard)

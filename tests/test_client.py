@@ -262,3 +262,26 @@ output: {rules: [{head: jailbreak, labels: [jailbreak], block: 0.9}]}
     long_prompt = random_text(3000, seed=1, insert={2500: TRIGGER})
     r = guarded.chat.completions.create(model="m", messages=user(long_prompt))
     assert r.choices[0].finish_reason == "content_filter" and len(server.requests) == 1
+
+
+def test_tool_call_arguments_are_checked_when_the_policy_asks(guard):
+    from guardmerge.client import _Core
+
+    response = {"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": None,
+        "tool_calls": [{"id": "c1", "type": "function",
+                        "function": {"name": "run", "arguments": "{\"cmd\": \"xyzzy\"}"}}]}}]}
+    off = _Core(guard, on_block="refuse", on_flag=None, check_output=True, stream_mode="hold",
+                window_chars=100, overlap_chars=10, sdk_types=False)
+    assert guard.check(off.output_items(response), "output").passed  # not asked: not scored
+    policy = Policy.from_yaml(POLICY.replace("output:\n", "output:\n  check_tool_calls: true\n"))
+    strict = Guard(FunctionClassifier(HEADS, score), policy)
+    on = _Core(strict, on_block="refuse", on_flag=None, check_output=True, stream_mode="hold",
+               window_chars=100, overlap_chars=10, sdk_types=False)
+    items = on.output_items(response)
+    assert items == [{"role": "assistant", "content": 'run({"cmd": "xyzzy"})'}]
+    verdict = strict.check(items, "output")
+    assert verdict.blocked
+    refused = on.output_outcome(response, verdict)
+    assert refused["choices"][0]["finish_reason"] == "content_filter"
+    assert refused["choices"][0]["message"]["content"] == "Refused by policy."
