@@ -43,7 +43,7 @@ def main() -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    from guardmerge import (Guard, Policy, PromptBlockedError, ResponseBlockedError, guard_client)
+    from guardmerge import (Guard, PromptBlockedError, ResponseBlockedError, guard_client)
     from guardmerge._build import build_guards
     from guardmerge.testing import OpenAICompatServer
 

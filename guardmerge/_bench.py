@@ -5,11 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -91,10 +88,6 @@ def runtime(*, layers: int = 12, hidden: int = 768, heads: int = 12, intermediat
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return results
-
-
-def _peak_rss_mb_of_children() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
 
 
 def merge(*, layers: int = 12, hidden: int = 768, methods: Sequence[str] = ("ties", "dare_ties"),
@@ -204,7 +197,7 @@ def search(*, texts: int = 1000, words: int = 40, trials: int = 3, layers: int =
     from ._merge_bench import build_inputs
     from .evaluate import Example
     from .merge.recipe import MergeRecipe
-    from .search import SearchSpec, TrialContext, run_trial
+    from .search import SearchSpec, TrialContext, trial_densities
     from .testing import bert_base_vocab, random_text
 
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="guardmerge-bench-"))
@@ -236,8 +229,7 @@ def search(*, texts: int = 1000, words: int = 40, trials: int = 3, layers: int =
             per, merge_t, eval_t = [], [], []
             for k in range(trials):
                 t0 = time.perf_counter()
-                densities, seed = __import__("guardmerge.search", fromlist=["x"]).trial_densities(
-                    spec, k, 2)
+                densities, seed = trial_densities(spec, k, 2)
                 ctx.load(recipe.method, densities, seed)
                 t1 = time.perf_counter()
                 ctx.evaluate()
@@ -253,7 +245,6 @@ def search(*, texts: int = 1000, words: int = 40, trials: int = 3, layers: int =
                   f"{statistics.median(eval_t):>8.2f} {trial_s:>8.2f} {3600 / trial_s:>9.0f} "
                   f"{500 * trial_s / 60:>9.1f} min")
             del ctx
-        _ = run_trial  # the same unit a worker pool or a cluster engine runs
     finally:
         if not workdir:
             shutil.rmtree(root, ignore_errors=True)

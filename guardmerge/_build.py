@@ -282,8 +282,6 @@ def build_guards(out: str | os.PathLike[str] = ".guardmerge-cache/guards", *, sc
     bundles: dict[str, Path] = {}
     for label, cfg in candidates.items():
         recipe = {"base": str(base), "seed": 0, "models": models, **cfg}
-        if "models" in cfg:
-            recipe["models"] = [{k: v for k, v in m.items()} for m in cfg["models"]]
         path = out / "bundles" / label.replace(" ", "_").replace("(", "").replace(")", "")
         bundles[label] = merge(recipe, path, overwrite=True)
         clf = BundleClassifier.from_pretrained(path, dtype="auto")

@@ -171,6 +171,13 @@ class _SSEParser:
             self.data.append(value[1:] if value.startswith(" ") else value)
         return None
 
+    def finish(self) -> Any | None:
+        """At the end of the body: flush a last event; a stream without ``[DONE]`` was cut."""
+        event = self.feed("")
+        if not self.done:
+            raise UpstreamError("upstream stream ended before [DONE] (connection dropped?)")
+        return event
+
 
 def _request_body(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     body = {k: v for k, v in kwargs.items() if v is not None}
@@ -206,11 +213,9 @@ class ChatStream:
                     yield event
                 if parser.done:
                     return
-            event = parser.feed("")
+            event = parser.finish()
             if event is not None:
                 yield event
-            if not parser.done:
-                raise UpstreamError("upstream stream ended before [DONE] (connection dropped?)")
         except httpx.HTTPError as exc:
             raise _stream_error(exc) from exc
         finally:
@@ -297,11 +302,9 @@ class AsyncChatStream:
                     yield event
                 if parser.done:
                     return
-            event = parser.feed("")
+            event = parser.finish()
             if event is not None:
                 yield event
-            if not parser.done:
-                raise UpstreamError("upstream stream ended before [DONE] (connection dropped?)")
         except httpx.HTTPError as exc:
             raise _stream_error(exc) from exc
         finally:

@@ -96,7 +96,7 @@ def _ours_cmd(paths: dict[str, Path], method: str, density: float, out: Path, se
               "models": [{"model": str(paths["jb"]), "head": "jailbreak"},
                          {"model": str(paths["hate"]), "head": "hate"}]}
     code = ("import json,sys; from guardmerge.merge import merge; "
-            f"merge(json.loads(sys.argv[1]), sys.argv[2], overwrite=True)")
+            "merge(json.loads(sys.argv[1]), sys.argv[2], overwrite=True)")
     return [sys.executable, "-c", code, json.dumps(recipe), str(out)]
 
 

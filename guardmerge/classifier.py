@@ -127,6 +127,15 @@ class Classifier:
     def classify(self, texts: Sequence[str], *, max_tokens: int | None = None) -> list[TextScores]:
         raise NotImplementedError
 
+    def relabel(self, labels: Sequence[str]) -> None:
+        """Give a single-head classifier meaningful label names (e.g. for LABEL_0, LABEL_1)."""
+        if len(self.heads) != 1:
+            raise ValueError("relabel() applies to single-head classifiers only")
+        h = self.heads[0]
+        if len(labels) != h.size:
+            raise ValueError(f"{len(labels)} label names given; the model has {h.size} labels")
+        self.heads = (Head(name=h.name, labels=tuple(labels), offset=0),)
+
     def head(self, name: str) -> Head:
         for h in self.heads:
             if h.name == name:

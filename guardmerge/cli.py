@@ -257,19 +257,16 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _single_head_view(clf: Any, as_head: str | None, labels: str | None) -> dict[str, str]:
-    from .labels import Head
-
     if as_head is None and labels is None:
         return {}
     if len(clf.heads) != 1:
         raise _UsageError("--as-head / --labels only apply to a single-head model")
-    h = clf.heads[0]
     if labels:
-        names = [x.strip() for x in labels.split(",")]
-        if len(names) != h.size:
-            raise _UsageError(f"--labels gives {len(names)} names; the model has {h.size} labels")
-        clf.heads = (Head(name=h.name, labels=tuple(names), offset=0),)
-    return {h.name: as_head} if as_head else {}
+        try:
+            clf.relabel([x.strip() for x in labels.split(",")])
+        except ValueError as exc:
+            raise _UsageError(f"--labels: {exc}") from exc
+    return {clf.heads[0].name: as_head} if as_head else {}
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -290,10 +287,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise _UsageError(f"--source {item!r}: expected HEAD=DIR")
         src = BundleClassifier.from_pretrained(folder, dtype=args.dtype)
         if len(src.heads) == 1 and head in merged.heads:
-            from .labels import Head
-
-            src.heads = (Head(name=src.heads[0].name, labels=tuple(merged.heads[head].labels),
-                              offset=0),)
+            try:
+                src.relabel(merged.heads[head].labels)
+            except ValueError as exc:
+                raise _UsageError(f"--source {item}: {exc}") from exc
             originals[head] = evaluate(src, examples, model=folder, rename={src.heads[0].name: head})
         else:
             originals[head] = evaluate(src, examples, model=folder)

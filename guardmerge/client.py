@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any, AsyncIterator, Callable, Iterator, Literal, Mapping
 
 from .exceptions import PromptBlockedError, ResponseBlockedError
@@ -206,12 +207,13 @@ class _StreamState:
                     self.released_text[int(_get(choice, "index", 0) or 0)] = True
         return out
 
-    def verdict_for(self, checks: list[tuple[int, str]], verdict: Verdict) -> Verdict:
-        # findings name the choice, not the position in this batch of checks
-        from dataclasses import replace as _replace
-
-        verdict.findings = [_replace(f, message_index=checks[f.message_index][0])
+    def record_check(self, checks: list[tuple[int, str]], verdict: Verdict) -> Verdict:
+        """Record a finished check: findings name the choice (not the position in this batch),
+        the checked text is marked, and flags reach the callback."""
+        verdict.findings = [replace(f, message_index=checks[f.message_index][0])
                             if f.message_index is not None else f for f in verdict.findings]
+        self.mark_checked()
+        self.core.note(verdict)
         return verdict
 
     def blocked_tail(self, verdict: Verdict) -> list[Any]:
@@ -222,10 +224,6 @@ class _StreamState:
                           if f.action is Action.BLOCK and f.message_index is not None} or {0})
         return [self.core.end_chunk(self.last, i, self.released_text.get(i, False))
                 for i in blocked]
-
-
-def _should_release_now(core: _Core) -> bool:
-    return core.stream_mode == "release"
 
 
 class GuardedStream:
@@ -242,18 +240,14 @@ class GuardedStream:
         checks = self._state.due(final)
         if not checks:
             return None
-        verdict = self._core.guard.check([t for _, t in checks], "output")
-        verdict = self._state.verdict_for(checks, verdict)
-        self._state.mark_checked()
-        self._core.note(verdict)
-        return verdict
+        return self._state.record_check(checks, self._core.guard.check([t for _, t in checks], "output"))
 
     def _run(self) -> Iterator[Any]:
         state = self._state
         try:
             for chunk in self._upstream:
                 state.feed(chunk)
-                if _should_release_now(self._core):
+                if self._core.stream_mode == "release":
                     yield from state.release()
                 verdict = self._check(final=False)
                 if verdict is not None and verdict.blocked:
@@ -314,17 +308,14 @@ class AsyncGuardedStream:
         if not checks:
             return None
         verdict = await self._core.guard.acheck([t for _, t in checks], "output")
-        verdict = self._state.verdict_for(checks, verdict)
-        self._state.mark_checked()
-        self._core.note(verdict)
-        return verdict
+        return self._state.record_check(checks, verdict)
 
     async def _run(self) -> AsyncIterator[Any]:
         state = self._state
         try:
             async for chunk in self._upstream:
                 state.feed(chunk)
-                if _should_release_now(self._core):
+                if self._core.stream_mode == "release":
                     for c in state.release():
                         yield c
                 verdict = await self._check(final=False)

@@ -193,13 +193,9 @@ def report_from_predictions(model: str, examples: Sequence[Example], predictions
     return report
 
 
-def predict(scores: Sequence[Any], examples: Sequence[Example], heads: Sequence[Head]) -> list[str]:
-    """The predicted label of each example's head: the label with the highest score."""
-    out = []
-    for s, e in zip(scores, examples):
-        hs = s.heads[e.head]
-        out.append(max(hs.labels, key=lambda lab: hs.scores[lab]))
-    return out
+def predicted_label(head_scores: Any) -> str:
+    """The prediction of one head for one text: its label with the highest score."""
+    return max(head_scores.labels, key=lambda lab: head_scores.scores[lab])
 
 
 def evaluate(classifier: Any, examples: Sequence[Example], *, model: str = "",
@@ -227,8 +223,7 @@ def evaluate(classifier: Any, examples: Sequence[Example], *, model: str = "",
     back = {h.name: orig.name for h, orig in zip(heads, classifier.heads)}
     preds = []
     for e in examples:
-        hs = scored[position[e.text]].heads[back[e.head]]
-        preds.append(max(hs.labels, key=lambda lab: hs.scores[lab]))
+        preds.append(predicted_label(scored[position[e.text]].heads[back[e.head]]))
     report = report_from_predictions(model or getattr(classifier, "fingerprint", ""), examples,
                                      preds, heads)
     report.seconds = time.perf_counter() - start

@@ -93,7 +93,7 @@ def write_search_report(out: Path, recipe: Any, spec: Any, results: Sequence[Any
 
     for head, rep in best.report.get("heads", {}).items():
         merged.heads[head] = HeadReport(**rep)
-    lines = [f"# guardmerge search report", "",
+    lines = ["# guardmerge search report", "",
              f"- recipe: method `{recipe.method}`, head_mode `{recipe.head_mode}`, "
              f"{len(recipe.models)} model(s){' (self-merge)' if recipe.self_merge else ''}",
              f"- trials: {len(results)}, densities ~ Beta({spec.beta[0]}, {spec.beta[1]})"

@@ -20,13 +20,14 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ._progress import Progress
-from .evaluate import EvalReport, Example, evaluate, load_examples, report_from_predictions
+from .evaluate import (EvalReport, Example, evaluate, load_examples, predicted_label,
+                       report_from_predictions)
 from .exceptions import ConfigError
 from .merge.methods import METHODS, merge_task_vectors, merge_tensor
 from .merge.recipe import MergeRecipe, load_recipe
@@ -177,8 +178,7 @@ class TrialContext:
         scored = self.runtime.classify_prepared(self.prepared)
         preds = []
         for e in self.examples:
-            hs = scored[self.position[e.text]].heads[e.head]
-            preds.append(max(hs.labels, key=lambda lab: hs.scores[lab]))
+            preds.append(predicted_label(scored[self.position[e.text]].heads[e.head]))
         return report_from_predictions("candidate", self.examples, preds, self.heads)
 
 
@@ -337,11 +337,8 @@ def evaluate_sources(recipe: MergeRecipe, examples: Sequence[Example], *,
         clf = BundleClassifier.from_pretrained(folder, dtype=dtype)
         rename = dict(zip([h.name for h in clf.heads], head_names))
         if len(clf.heads) == 1:
-            # a single-head source: its head and labels as the recipe named them
-            from .labels import Head
-
-            merged_head = next(h for h in plan.heads if h.name == head_names[0])
-            clf.heads = (Head(name=clf.heads[0].name, labels=merged_head.labels, offset=0),)
+            # a single-head source: its labels as the recipe named them
+            clf.relabel(next(h for h in plan.heads if h.name == head_names[0]).labels)
         report = evaluate(clf, examples, model=model_id, rename=rename)
         for head in head_names:
             if head in report.heads:

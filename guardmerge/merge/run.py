@@ -64,6 +64,7 @@ class TensorIndex:
                 self.specs[name] = (info["dtype"], tuple(info["shape"]))
                 self._where[name] = (f, data_start, info)
         self._local = threading.local()
+        self._all_handles: list[Any] = []
 
     def names(self) -> set[str]:
         return set(self.specs)
@@ -75,7 +76,7 @@ class TensorIndex:
         fh = handles.get(f)
         if fh is None:
             fh = handles[f] = open(f, "rb")  # noqa: SIM115 - closed in close()
-            self._opened().append(fh)
+            self._all_handles.append(fh)
         return fh
 
     def get(self, name: str) -> torch.Tensor:
@@ -91,13 +92,8 @@ class TensorIndex:
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"{f}: cannot read tensor {name!r}: {exc}") from exc
 
-    def _opened(self) -> list[Any]:
-        if not hasattr(self, "_all_handles"):
-            self._all_handles: list[Any] = []
-        return self._all_handles
-
     def close(self) -> None:
-        for fh in self._opened():
+        for fh in self._all_handles:
             fh.close()
         self._all_handles = []
         self._local = threading.local()
@@ -440,10 +436,6 @@ class MergePlan:
         """The whole merged tensor (the concatenation of ``merged_blocks``)."""
         blocks = [b.clone() for b in self.merged_blocks(name)]
         return torch.cat(blocks).view(self.specs[name].shape)
-
-    def iter_merged(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self.names:
-            yield name, self.merged_tensor(name)
 
     def close(self) -> None:
         self.base_index.close()
