@@ -28,7 +28,7 @@ def main() -> int:
     p.add_argument("--tolerance", type=float, default=1e-5)
     args = p.parse_args()
     results = run(layers=args.layers, hidden=args.hidden, methods=(), mergekit=args.mergekit,
-                  density=args.density, compare=("ties", "linear"))
+                  density=args.density, compare=("ties", "linear"), repeat=1)
     ok = True
     for method in ("ties", "linear"):
         c = results[method]["compare"]

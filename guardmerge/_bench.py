@@ -91,11 +91,12 @@ def runtime(*, layers: int = 12, hidden: int = 768, heads: int = 12, intermediat
 
 
 def merge(*, layers: int = 12, hidden: int = 768, methods: Sequence[str] = ("ties", "dare_ties"),
-          mergekit: str | None = None, workdir: str | None = None) -> dict[str, Any]:
+          mergekit: str | None = None, workdir: str | None = None,
+          repeat: int = 3) -> dict[str, Any]:
     from ._merge_bench import run as run_merge_bench
 
     return run_merge_bench(layers=layers, hidden=hidden, methods=methods, mergekit=mergekit,
-                           workdir=workdir)
+                           workdir=workdir, repeat=repeat)
 
 
 def middleware(*, calls: int = 2000, turns: int = 20) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -146,7 +147,8 @@ def compare_outputs(ours: Path, theirs: Path) -> dict[str, Any]:
 
 def run(*, layers: int = 12, hidden: int = 768, methods: Sequence[str] = ("ties", "dare_ties"),
         mergekit: str | None = None, workdir: str | None = None, density: float = 0.5,
-        seed: int = 0, compare: Sequence[str] = ("ties", "linear")) -> dict[str, Any]:
+        seed: int = 0, compare: Sequence[str] = ("ties", "linear"),
+        repeat: int = 3) -> dict[str, Any]:
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="guardmerge-merge-bench-"))
     results: dict[str, Any] = {}
     try:
@@ -161,27 +163,38 @@ def run(*, layers: int = 12, hidden: int = 768, methods: Sequence[str] = ("ties"
         floor = measure([sys.executable, "-c", "import guardmerge.merge"], env)
         print(f"# python start + import torch/guardmerge alone: {floor['seconds']:.1f}s, "
               f"{floor['peak_rss_mib']:.0f} MiB (inside every 'ours' figure)")
-        print(f"{'method':<10} {'tool':<9} {'wall s':>8} {'peak RSS MiB':>13}")
+        print(f"{'method':<10} {'tool':<9} {'wall s':>8} {'peak RSS MiB':>13}   "
+              f"(median of {repeat}; every run's wall s)")
         todo = list(dict.fromkeys(list(methods) + [m for m in compare if mergekit]))
         # Every measurement first, comparisons last: a child's ru_maxrss includes the RSS it
         # inherited from this process at fork, so this process must stay small while measuring.
+        # The tools alternate run by run, so a noisy spell on this shared machine hits both.
         for method in todo:
+            runs: dict[str, list[dict[str, Any]]] = {"ours": [], "mergekit": []}
+            out_ours, out_mk = root / f"ours-{method}", root / f"mergekit-{method}"
+            for _ in range(repeat):
+                shutil.rmtree(out_ours, ignore_errors=True)  # neither tool moves an old output
+                runs["ours"].append(measure(_ours_cmd(paths, method, density, out_ours, seed), env))
+                if mergekit:
+                    shutil.rmtree(out_mk, ignore_errors=True)
+                    runs["mergekit"].append(measure(_mergekit_cmd(mergekit, paths, method, density,
+                                                                  out_mk, seed), env))
             row: dict[str, Any] = {}
-            row["ours"] = measure(_ours_cmd(paths, method, density, root / f"ours-{method}", seed), env)
-            print(f"{method:<10} {'ours':<9} {row['ours']['seconds']:>8.1f} "
-                  f"{row['ours']['peak_rss_mib']:>13.0f}")
+            for tool in ("ours", "mergekit"):
+                if not runs[tool]:
+                    continue
+                row[tool] = {"seconds": statistics.median(r["seconds"] for r in runs[tool]),
+                             "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs[tool]),
+                             "runs_seconds": [r["seconds"] for r in runs[tool]]}
+                every = " ".join(f"{x:.1f}" for x in row[tool]["runs_seconds"])
+                print(f"{method:<10} {tool:<9} {row[tool]['seconds']:>8.1f} "
+                      f"{row[tool]['peak_rss_mib']:>13.0f}   ({every})")
             if mergekit:
-                out_mk = root / f"mergekit-{method}"
-                shutil.rmtree(out_mk, ignore_errors=True)
-                row["mergekit"] = measure(_mergekit_cmd(mergekit, paths, method, density, out_mk,
-                                                        seed), env)
-                print(f"{method:<10} {'mergekit':<9} {row['mergekit']['seconds']:>8.1f} "
-                      f"{row['mergekit']['peak_rss_mib']:>13.0f}")
                 ratio_t = row["ours"]["seconds"] / row["mergekit"]["seconds"]
                 ratio_m = row["ours"]["peak_rss_mib"] / row["mergekit"]["peak_rss_mib"]
                 row["time_ratio"], row["rss_ratio"] = ratio_t, ratio_m
                 print(f"{method:<10} {'ratio':<9} {ratio_t:>8.2f} {ratio_m:>13.2f}   "
-                      f"(ours / mergekit)")
+                      f"(ours / mergekit, medians)")
             results[method] = row
         for method in todo:
             if mergekit and method in compare:

@@ -97,6 +97,21 @@ def storage_dtype(dtype: torch.dtype) -> torch.dtype:
     return {torch.bfloat16: torch.int16, torch.bool: torch.uint8}.get(dtype, dtype)
 
 
+def _read_at(fh: BinaryIO, offset: int, view: memoryview) -> int:
+    """Fill ``view`` from ``offset`` of the file: ``os.preadv`` where there is one (no seek,
+    no buffer), else seek + readinto. Returns the bytes read (fewer only at end of file)."""
+    if hasattr(os, "preadv"):
+        fd, got = fh.fileno(), 0
+        while got < len(view):
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n == 0:
+                break
+            got += n
+        return got
+    fh.seek(offset)
+    return fh.readinto(view) or 0
+
+
 def read_tensor(fh: BinaryIO, data_start: int, info: Mapping[str, Any], *, start: int = 0,
                 count: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Read a tensor, or elements ``start:start+count`` of it flattened, with ``readinto``.
@@ -123,8 +138,7 @@ def read_tensor(fh: BinaryIO, data_start: int, info: Mapping[str, Any], *, start
         holder = out[:count]
     if count:
         item = holder.element_size()
-        fh.seek(data_start + begin + start * item)
-        got = fh.readinto(memoryview(holder.numpy()).cast("B"))
+        got = _read_at(fh, data_start + begin + start * item, memoryview(holder.numpy()).cast("B"))
         if got != count * item:
             raise ValueError(f"short read ({got} of {count * item} bytes)")
     if dtype == torch.bfloat16:

@@ -126,6 +126,8 @@ def _build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--mergekit", default=None,
                     help="path to a mergekit-yaml executable (in its own venv) to compare with")
     bm.add_argument("--workdir", default=None, help="keep inputs/outputs here (default: temp)")
+    bm.add_argument("--repeat", type=int, default=3,
+                    help="runs per tool and method, alternating; medians are reported")
     return p
 
 
@@ -352,7 +354,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.bench_command == "merge":
         _bench.merge(layers=args.layers, hidden=args.hidden, methods=args.methods.split(","),
-                     mergekit=args.mergekit, workdir=args.workdir)
+                     mergekit=args.mergekit, workdir=args.workdir, repeat=args.repeat)
         return EXIT_OK
     raise _UsageError("guardmerge bench: choose runtime or merge")
 

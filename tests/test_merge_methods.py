@@ -164,3 +164,29 @@ def test_task_vector_path_equals_source_path():
         b = merge_task_vectors(method, base, [x1 - base, x2 - base], [1.0, 2.0], [0.3, 0.6],
                                lam=0.7, seed=4, name="t")
         assert torch.equal(a, b), method
+
+
+def test_dare_keep_resolves_16_bit_ties_with_the_low_half_exactly():
+    import numpy as np
+
+    from guardmerge.merge.sparsify import dare_keep
+
+    density = 0.3
+    threshold = int(density * 2**32)
+    hi, lo = threshold >> 16, threshold & 0xFFFF
+
+    class Scripted:  # a bit generator whose raw 64-bit words we choose
+        def __init__(self, words):
+            self.words = list(words)
+
+        def random_raw(self, size):
+            out, self.words = self.words[:size], self.words[size:]
+            return np.array(out, dtype=np.uint64)
+
+    def pack(*halves):  # four 16-bit draws per 64-bit word, lowest first
+        return sum(int(h) << (16 * i) for i, h in enumerate(halves))
+
+    # draws: below hi (kept), above hi (dropped), tie + low below lo (kept), tie + low at lo (dropped)
+    gen = Scripted([pack(hi - 1, hi + 1, hi, hi), pack(lo - 1, lo, 0, 0)])
+    assert dare_keep(gen, 4, density).tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert gen.words == []  # one extra word for the two ties, nothing more

@@ -20,15 +20,16 @@ element-wise steps runs in cache; only the TIES trim needs the whole tensor (its
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
-from .sparsify import CHUNK, _check_density, dare_, dare_generator, topk_mask
+from .sparsify import CHUNK, _check_density, dare_generator, dare_keep, topk_mask
 
 __all__ = ["METHODS", "Method", "merge_tensor", "merge_task_vectors", "elect_and_mean", "merge_block",
-           "linear_block", "magnitude_masks"]
+           "block_keeps", "linear_block", "magnitude_masks"]
 
 
 @dataclass(frozen=True)
@@ -54,19 +55,58 @@ def elect_and_mean(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> 
 
     ``s = sign(sum w_i t_i)`` with 0 counted as +; entries whose sign equals ``s`` are kept;
     result ``sum(w_i m_i t_i) / sum(w_i m_i)``, 0 where nothing is kept. Zero entries never
-    count (their sign is 0). Uses ``w t m = s * w * relu(s t)``: exact, and fewer passes.
+    count (their sign is 0). The inputs are not modified.
     """
-    total = deltas[0] * float(weights[0])
-    for d, w in zip(deltas[1:], weights[1:]):
-        total.add_(d, alpha=float(w))
-    sign = total.ge_(0).mul_(2).sub_(1)  # in place: `total` becomes the elected sign (+1 / -1)
-    acc = torch.zeros_like(sign)
-    div = torch.zeros_like(sign)
-    for d, w in zip(deltas, weights):
-        aligned = d * sign
-        div.add_(aligned.gt(0), alpha=float(w))
-        acc.add_(aligned.clamp_min_(0), alpha=float(w))
-    return acc.mul_(sign).div_(div.clamp_min_(torch.finfo(div.dtype).tiny))
+    owned = [d.to(torch.float32, copy=True) for d in deltas]
+    zero = torch.zeros_like(owned[0])
+    return _combine(owned, [1.0] * len(owned), weights, True, 1.0, zero, torch.empty_like(zero))
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(slot: int, n: int) -> torch.Tensor:
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    buf = bufs.get(slot)
+    if buf is None or buf.numel() < n:
+        buf = bufs[slot] = torch.empty(max(n, CHUNK), dtype=torch.float32)
+    return buf[:n]
+
+
+def _combine(deltas: Sequence[torch.Tensor], scales: Sequence[float], weights: Sequence[float],
+             sign_election: bool, lam: float, base: torch.Tensor,
+             out: torch.Tensor) -> torch.Tensor:
+    """``out = base + lam * combine(t_i)`` with ``t_i = scales[i] * deltas[i]``.
+
+    ``deltas`` are owned float32 blocks (already masked) and are overwritten. Only float32
+    element-wise ops: bool tensors are several times slower here. For the election it uses
+    ``w m t = s * w * relu(s t)`` (exact, since s is +1 or -1) and counts an entry in the
+    denominator by ``sign(relu(s t))``, which is 1 where kept and 0 where not (zeros included).
+    """
+    coef = [float(w) * float(c) for w, c in zip(weights, scales)]
+    if not sign_election:
+        torch.mul(deltas[0], coef[0], out=out)
+        for d, a in zip(deltas[1:], coef[1:]):
+            out.add_(d, alpha=a)
+        return torch.add(base, out, alpha=lam, out=out)
+    # scratch blocks, reused per thread: fresh 1 MiB blocks cost page faults on first touch
+    sign, den, tmp = (_scratch(k, out.numel()) for k in range(3))
+    torch.mul(deltas[0], coef[0], out=sign)
+    for d, a in zip(deltas[1:], coef[1:]):
+        sign.add_(d, alpha=a)
+    sign.ge_(0).mul_(2).sub_(1)  # the elected sign, +1 / -1 (a zero sum elects +)
+    for i, (d, a, w) in enumerate(zip(deltas, coef, weights)):
+        d.mul_(sign).clamp_min_(0)  # |t_i| where its sign agrees with the elected one, else 0
+        if i == 0:
+            torch.mul(d, a, out=out)
+            torch.sign(d, out=den).mul_(float(w))
+        else:
+            out.add_(d, alpha=a)
+            den.add_(torch.sign(d, out=tmp), alpha=float(w))
+    out.mul_(sign).div_(den.clamp_min_(torch.finfo(den.dtype).tiny))  # 0 / 0 -> 0
+    return torch.add(base, out, alpha=lam, out=out)
 
 
 def _check(method: str, n: int, weights: Sequence[float], densities: Sequence[float]) -> Method:
@@ -105,26 +145,44 @@ def merge_tensor(method: str, base: torch.Tensor | None, sources: Sequence[torch
 
 
 def merge_block(m: Method, base: torch.Tensor, deltas: list[torch.Tensor], weights: Sequence[float],
-                densities: Sequence[float], lam: float, generators: Sequence[Any],
-                masks: Sequence[torch.Tensor | None]) -> torch.Tensor:
+                densities: Sequence[float], lam: float, keeps: Sequence[torch.Tensor | None],
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """One flat block: sparsify the (float32, owned) task-vector blocks in place, combine, add base.
 
-    ``base`` is the float32 base block; the result is a new float32 block. This is the single
-    kernel behind every task-vector method, whether the tensor is in memory or streamed.
+    ``base`` is the float32 base block (not modified). ``keeps[i]`` is source i's float32 0/1
+    mask for this block (the TIES trim, or DARE's draws from ``dare_keep``) or None to keep
+    everything; DARE's ``1 / density`` rescale is folded into the weights. The result goes to
+    ``out`` (a new float32 block when None). This is the single kernel behind every
+    task-vector method, whether the tensor is in memory or streamed.
     """
-    for i, d in enumerate(deltas):
+    for d, keep in zip(deltas, keeps or [None] * len(deltas)):
+        if keep is not None:
+            d.mul_(keep)
+    scales = [1.0 / p if m.sparsify == "dare" and p < 1.0 else 1.0 for p in densities]
+    if out is None:
+        out = torch.empty_like(base, dtype=torch.float32)
+    return _combine(deltas, scales, weights, m.sign_election, lam, base, out)
+
+
+def block_keeps(m: Method, densities: Sequence[float], generators: Sequence[Any],
+                masks: Sequence[torch.Tensor | None], start: int, count: int,
+                buffers: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+    """Per source, the float32 keep mask of elements ``start:start+count`` (None: keep all).
+
+    TIES: a slice of the tensor's top-k mask. DARE: the next ``count`` draws of the source's
+    generator (blocks must be asked for in order).
+    """
+    keeps: list[torch.Tensor | None] = []
+    for i, p in enumerate(densities):
         mask = masks[i] if masks else None
+        buf = buffers[i] if buffers is not None else None
         if mask is not None:
-            d.mul_(mask)
-        elif m.sparsify == "dare":
-            dare_(d, densities[i], generators[i])
-    if m.sign_election:
-        merged = elect_and_mean(deltas, weights)
-    else:
-        merged = deltas[0].mul_(float(weights[0]))
-        for d, w in zip(deltas[1:], weights[1:]):
-            merged.add_(d, alpha=float(w))
-    return merged.mul_(lam).add_(base)
+            keeps.append(mask[start:start + count].view(torch.uint8).float())
+        elif m.sparsify == "dare" and p < 1.0:
+            keeps.append(dare_keep(generators[i], count, p, buf))
+        else:
+            keeps.append(None)
+    return keeps
 
 
 def linear_block(sources: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -170,6 +228,6 @@ def _merge_flat(m: Method, base: torch.Tensor, inputs: Sequence[torch.Tensor],
         # fresh float32 blocks: the caller's tensors are never modified
         deltas = [x[start:stop].to(torch.float32, copy=True) if are_deltas
                   else x[start:stop].float() - bb for x in xs]
-        block_masks = [None if mk is None else mk[start:stop] for mk in masks]
-        out[start:stop] = merge_block(m, bb, deltas, weights, densities, lam, gens, block_masks)
+        keeps = block_keeps(m, densities, gens, masks, start, stop - start)
+        merge_block(m, bb, deltas, weights, densities, lam, keeps, out=out[start:stop])
     return out.view(shape)

@@ -30,7 +30,8 @@ from ..bundle import (_weight_files, config_for_heads, hash_files, inspect_bundl
                       output_layer_prefix, resolve_model_dir, write_manifest)
 from ..exceptions import MergeError, ModelLoadError
 from ..labels import Head
-from .methods import (METHODS, linear_block, magnitude_masks, merge_block, merge_tensor)
+from .methods import (METHODS, block_keeps, linear_block, magnitude_masks, merge_block,
+                      merge_tensor)
 from .sparsify import CHUNK, dare_generator
 from .recipe import MergeRecipe, ModelSpec, load_recipe
 
@@ -407,22 +408,22 @@ class MergePlan:
             masks = magnitude_masks(m, n, densities, magnitudes)
         gens = [dare_generator(r.seed, name, i) for i in range(len(self.sources))] \
             if m.sparsify == "dare" else []
+        keep_buffers = [self._buffer(("keep", i), "F32") for i in range(len(self.sources))]
         for start in range(0, n, CHUNK):
             c = min(CHUNK, n - start)
+            # float32 storage: .float() is the reused buffer itself, owned and overwritten here
+            blocks = [block(k, start, c) for k in range(len(inputs))]
             if not m.uses_base:
-                yield linear_block([block(i, start, c) for i in range(len(self.sources))],
-                                   weights).to(spec.dtype)
+                yield linear_block(blocks, weights).to(spec.dtype)
                 continue
-            bb = block(len(self.sources), start, c)
-            if bb.data_ptr() == buffers[-1].data_ptr():
-                bb = bb.clone()  # float32 base read straight into its buffer: keep it apart
-            deltas = [block(i, start, c).sub_(bb) if buffers[i].dtype == torch.float32 else
-                      block(i, start, c) - bb for i in range(len(self.sources))]
-            block_masks = [None if mk is None else mk[start:start + c] for mk in masks]
-            out = merge_block(m, bb, deltas, weights, densities, r.lam, gens, block_masks)
-            yield out.to(spec.dtype)
+            bb = blocks[-1]
+            deltas = [x.sub_(bb) for x in blocks[:-1]]
+            keeps = block_keeps(m, densities, gens, masks, start, c, keep_buffers)
+            out = merge_block(m, bb, deltas, weights, densities, r.lam, keeps,
+                              out=torch.empty(c, dtype=torch.float32))
+            yield out.to(spec.dtype)  # a fresh tensor, never a reused buffer: the writer queues it
 
-    def _buffer(self, slot: int, st_dtype: str) -> torch.Tensor:
+    def _buffer(self, slot: Any, st_dtype: str) -> torch.Tensor:
         cache = getattr(self._local_buffers, "b", None)
         if cache is None:
             cache = self._local_buffers.b = {}
@@ -501,6 +502,11 @@ def merge(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str],
     plan = MergePlan(recipe)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardmerge-hash")
+    # The merge runs its own threads (the writer, the hasher) beside the maths on this one;
+    # torch's intra-op threads on top of those oversubscribe the cores, and spinning OpenMP
+    # workers made a 2-core merge about twice as slow (measured). Restored at the end.
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         plan.start_hashing(hasher)
         logger.info("merging %d model(s) with %s (head_mode=%s) into %s", len(plan.sources),
@@ -526,4 +532,5 @@ def merge(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str],
     finally:
         hasher.shutdown(wait=True)
         plan.close()
+        torch.set_num_threads(torch_threads)
     return output
