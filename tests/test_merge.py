@@ -356,3 +356,19 @@ def test_cli_merge_and_inspect(sources, tmp_path, capsys):
     bad.write_text("base: x\nmodels: []\n")
     assert main(["merge", str(bad), "-o", str(tmp_path / "c")]) == 2
     assert "models: expected a non-empty list" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"])
+def test_streamed_blocks_stay_valid_while_later_blocks_are_read(sources, method):
+    """The writer queues blocks and writes them later: a yielded block must never be a read
+    buffer that the next block overwrites (task_arithmetic once yielded one)."""
+    plan = plan_merge(_recipe(sources, method=method))
+    try:
+        expected = {name: plan.merged_tensor(name).reshape(-1) for name in plan.names}
+        held: dict[str, list[torch.Tensor]] = {}
+        for name in plan.names:  # keep every block, as the writer's queue does, unconsumed
+            held[name] = list(plan.merged_blocks(name))
+        for name in plan.names:
+            assert torch.equal(torch.cat(held[name]), expected[name]), name
+    finally:
+        plan.close()
