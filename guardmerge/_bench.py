@@ -193,12 +193,14 @@ output: {rules: [{head: jailbreak, labels: [jailbreak], block: 0.9}]}
 
 def search(*, texts: int = 1000, words: int = 40, trials: int = 3, layers: int = 12,
            hidden: int = 768, dtypes: Sequence[str] = ("float32", "bfloat16"),
-           workdir: str | None = None) -> dict[str, Any]:
-    """Trials per hour of the density search: two BERT-base-sized sources, ``texts`` texts."""
+           workdir: str | None = None, screen: int = 100, search_trials: int = 500,
+           finalists: int = 0) -> dict[str, Any]:
+    """Trials per hour of the density search: two BERT-base-sized sources, ``texts`` texts;
+    every trial on all texts, and with screening (``screen`` texts first, the best 5% on all)."""
     from ._merge_bench import build_inputs
     from .evaluate import Example
     from .merge.recipe import MergeRecipe
-    from .search import SearchSpec, TrialContext, trial_densities
+    from .search import SearchSpec, TrialContext, screen_subset, trial_densities
     from .testing import bert_base_vocab, random_text
 
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="guardmerge-bench-"))
@@ -216,36 +218,55 @@ def search(*, texts: int = 1000, words: int = 40, trials: int = 3, layers: int =
             "base": str(paths["base"]), "method": "dare_ties",
             "models": [{"model": str(paths["jb"]), "head": "jailbreak", "labels": labels["jailbreak"]},
                        {"model": str(paths["hate"]), "head": "hate", "labels": labels["hate"]}]})
-        spec = SearchSpec(trials=trials, seed=0)
+        spec = SearchSpec(trials=search_trials, seed=0, screen=screen, finalists=finalists)
+        screen_idx = screen_subset(examples, screen, spec.seed) if screen else []
+        k_final = spec.n_finalists
+        n_tokens = None
         print(f"# guardmerge bench search: {_machine()}")
         print(f"# two BERT {layers}x{hidden} sources (random weights, built locally), dare_ties, "
-              f"{texts} evaluation texts of ~{words} words")
-        print(f"{'dtype':<9} {'setup s':>8} {'merge s':>8} {'eval s':>8} {'trial s':>8} "
-              f"{'trials/h':>9} {'500 trials':>11}")
+              f"{texts} evaluation texts of ~{words} words; median of {trials} trials per row")
+        print(f"{'dtype':<9} {'evaluated on':<22} {'setup s':>8} {'merge s':>8} {'eval s':>8} "
+              f"{'trial s':>8} {'trials/h':>9} {f'{search_trials} trials':>11}")
         for dtype in dtypes:
             t = time.perf_counter()
-            ctx = TrialContext(recipe, examples, dtype=dtype)
+            ctx = TrialContext(recipe, examples, dtype=dtype, screen=screen_idx)
             setup = time.perf_counter() - t
-            n_windows = len(ctx.prepared.items)
-            per, merge_t, eval_t = [], [], []
+            n_tokens = sum(len(ids) for _, _, ids in ctx.prepared.items)
+            merge_t: list[float] = []
+            eval_t: dict[str, list[float]] = {stage: [] for stage in ctx.sets}
             for k in range(trials):
-                t0 = time.perf_counter()
                 densities, seed = trial_densities(spec, k, 2)
+                t0 = time.perf_counter()
                 ctx.load(recipe.method, densities, seed)
-                t1 = time.perf_counter()
-                ctx.evaluate()
-                t2 = time.perf_counter()
-                merge_t.append(t1 - t0)
-                eval_t.append(t2 - t1)
-                per.append(t2 - t0)
-            trial_s = statistics.median(per)
-            results[dtype] = {"setup_s": setup, "trial_s": trial_s, "merge_s": statistics.median(merge_t),
-                              "eval_s": statistics.median(eval_t), "trials_per_hour": 3600 / trial_s,
-                              "windows": n_windows}
-            print(f"{dtype:<9} {setup:>8.1f} {statistics.median(merge_t):>8.2f} "
-                  f"{statistics.median(eval_t):>8.2f} {trial_s:>8.2f} {3600 / trial_s:>9.0f} "
-                  f"{500 * trial_s / 60:>9.1f} min")
+                merge_t.append(time.perf_counter() - t0)
+                for stage in ctx.sets:
+                    t1 = time.perf_counter()
+                    ctx.evaluate(stage)
+                    eval_t[stage].append(time.perf_counter() - t1)
+            m_s = statistics.median(merge_t)
+            full_s = m_s + statistics.median(eval_t["full"])
+            row: dict[str, Any] = {"setup_s": setup, "merge_s": m_s,
+                                   "eval_s": statistics.median(eval_t["full"]), "trial_s": full_s,
+                                   "trials_per_hour": 3600 / full_s}
+            print(f"{dtype:<9} {f'all {texts} texts':<22} {setup:>8.1f} {m_s:>8.2f} "
+                  f"{row['eval_s']:>8.2f} {full_s:>8.2f} {3600 / full_s:>9.0f} "
+                  f"{search_trials * full_s / 60:>7.1f} min")
+            if screen:
+                screen_s = m_s + statistics.median(eval_t["screen"])
+                total = search_trials * screen_s + k_final * full_s
+                row["screened"] = {"screen_eval_s": statistics.median(eval_t["screen"]),
+                                   "screen_trial_s": screen_s, "finalists": k_final,
+                                   "search_s": total,
+                                   "trials_per_hour": 3600 * search_trials / total}
+                label = f"{screen} first, {k_final} on all"
+                print(f"{dtype:<9} {label:<22} {'':>8} {m_s:>8.2f} "
+                      f"{statistics.median(eval_t['screen']):>8.2f} {screen_s:>8.2f} "
+                      f"{3600 * search_trials / total:>9.0f} {total / 60:>7.1f} min")
+            results[dtype] = row
             del ctx
+        print(f"# {n_tokens:,} tokens per pass over all texts; '{search_trials} trials' with "
+              f"screening = {search_trials} x (merge + screening eval) + {k_final} finalists x "
+              f"(merge + full eval)")
     finally:
         if not workdir:
             shutil.rmtree(root, ignore_errors=True)

@@ -88,6 +88,11 @@ def _build_parser() -> argparse.ArgumentParser:
     se.add_argument("--beta", type=float, nargs=2, default=(2.0, 5.0), metavar=("A", "B"))
     se.add_argument("--shared-density", action="store_true", help="one density for all models")
     se.add_argument("--objective", default="mean", help="mean | min | head:NAME (of macro-F1)")
+    se.add_argument("--screen", type=int, default=0, metavar="N",
+                    help="score every trial on N examples (stratified) first; only the best "
+                    "go on to all examples (0: off, every trial on all examples)")
+    se.add_argument("--finalists", type=int, default=0, metavar="K",
+                    help="with --screen: trials evaluated on all examples (0: 5%% of trials)")
     se.add_argument("--workers", type=int, default=1)
     se.add_argument("--dtype", default="auto")
     se.add_argument("-o", "--out", required=True, help="folder for trials.jsonl, best bundle, report")
@@ -119,6 +124,10 @@ def _build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--words", type=int, default=40)
     bs.add_argument("--trials", type=int, default=3)
     bs.add_argument("--workdir", default=None)
+    bs.add_argument("--screen", type=int, default=100,
+                    help="also time screened trials on this many texts (0: skip)")
+    bs.add_argument("--search-trials", type=int, default=500,
+                    help="the search size the time column projects")
     bm = b_sub.add_parser("merge", help="merge wall time and peak RSS, optionally vs mergekit")
     bm.add_argument("--layers", type=int, default=12)
     bm.add_argument("--hidden", type=int, default=768)
@@ -316,10 +325,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     _quiet_transformers(args.verbose)
     spec = SearchSpec(trials=args.trials, seed=args.seed, beta=tuple(args.beta),
-                      shared_density=args.shared_density, objective=args.objective)
+                      shared_density=args.shared_density, objective=args.objective,
+                      screen=args.screen, finalists=args.finalists)
     summary = run_search(args.recipe, args.eval_data, args.out, spec, workers=args.workers,
                          dtype=args.dtype, resume=args.resume, progress=not args.no_progress)
     best = summary["best"]
+    if "screen" in summary:
+        sc = summary["screen"]
+        print(f"screened {summary['trials']} trials on {sc['examples']} of {sc['of']} examples; "
+              f"finalists on all: {', '.join(map(str, sc['finalists']))}")
     print(f"best trial {best['trial']}: score {best['score']:.4f}, densities "
           f"{', '.join(f'{d:.3f}' for d in best['densities'])}")
     for k in ("results", "best_bundle", "report"):
@@ -350,7 +364,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         _bench.middleware(calls=args.calls, turns=args.turns)
         return EXIT_OK
     if args.bench_command == "search":
-        _bench.search(texts=args.texts, words=args.words, trials=args.trials, workdir=args.workdir)
+        _bench.search(texts=args.texts, words=args.words, trials=args.trials, workdir=args.workdir,
+                      screen=args.screen, search_trials=args.search_trials)
         return EXIT_OK
     if args.bench_command == "merge":
         _bench.merge(layers=args.layers, hidden=args.hidden, methods=args.methods.split(","),

@@ -31,12 +31,21 @@ def _plots(out: Path, results: Sequence[Any], best: Any, originals: Mapping[str,
 
     made: list[tuple[str, str]] = []
     heads = sorted(best.heads)
-    # score vs density, per head (the paper's Figure 3); one colour per model's density
+    # score vs density, per head (the paper's Figure 3); one colour per model's density.
+    # With screening, every trial's screening score is a dot and the finalists' scores on all
+    # examples are crosses.
+    stages = [("screen", "o", "screening subset"), ("full", "x", "all examples")]
+    present = {r.stage for r in results}
     fig, axes = plt.subplots(1, len(heads), figsize=(5 * len(heads), 4), squeeze=False)
     for ax, head in zip(axes[0], heads):
         for m, name in enumerate(model_names):
-            ax.scatter([r.densities[m] for r in results], [r.heads[head] for r in results], s=12,
-                       alpha=0.7, label=f"density of {name}")
+            for stage, marker, what in stages:
+                rs = [r for r in results if r.stage == stage and head in r.heads]
+                if not rs:
+                    continue
+                label = f"density of {name}" + (f" ({what})" if len(present) > 1 else "")
+                ax.scatter([r.densities[m] for r in rs], [r.heads[head] for r in rs], s=12,
+                           alpha=0.7, marker=marker, label=label)
         if head in originals:
             ax.axhline(originals[head].heads[head].macro_f1, color="black", ls="--", lw=1,
                        label="original model")
@@ -93,16 +102,21 @@ def write_search_report(out: Path, recipe: Any, spec: Any, results: Sequence[Any
 
     for head, rep in best.report.get("heads", {}).items():
         merged.heads[head] = HeadReport(**rep)
+    final = [r for r in results if r.stage == "full"]
+    screened = [r for r in results if r.stage == "screen"]
     lines = ["# guardmerge search report", "",
              f"- recipe: method `{recipe.method}`, head_mode `{recipe.head_mode}`, "
              f"{len(recipe.models)} model(s){' (self-merge)' if recipe.self_merge else ''}",
-             f"- trials: {len(results)}, densities ~ Beta({spec.beta[0]}, {spec.beta[1]})"
-             f"{', shared' if spec.shared_density else ', per model'}; objective `{spec.objective}`",
-             f"- best: trial {best.trial}, score {best.score:.4f}, densities "
-             f"{', '.join(f'{d:.3f}' for d in best.densities)}, merge seed {best.seed}", "",
-             "## Original vs best merge (macro-F1 per head)", "", "```",
-             render_comparison(comparison_table(merged, originals)), "```", ""]
-    top = sorted(results, key=lambda r: (-r.score, r.trial))[:10]
+             f"- trials: {spec.trials}, densities ~ Beta({spec.beta[0]}, {spec.beta[1]})"
+             f"{', shared' if spec.shared_density else ', per model'}; objective `{spec.objective}`"]
+    if screened:
+        lines.append(f"- screening: every trial scored on {spec.screen} examples first; the "
+                     f"{len(final)} best went on to every example (only those are ranked below)")
+    lines += [f"- best: trial {best.trial}, score {best.score:.4f}, densities "
+              f"{', '.join(f'{d:.3f}' for d in best.densities)}, merge seed {best.seed}", "",
+              "## Original vs best merge (macro-F1 per head)", "", "```",
+              render_comparison(comparison_table(merged, originals)), "```", ""]
+    top = sorted(final, key=lambda r: (-r.score, r.trial))[:10]
     lines += ["## Top trials", "", "| trial | score | densities | " +
               " | ".join(sorted(best.heads)) + " |", "|---|---|---|" + "---|" * len(best.heads)]
     for r in top:

@@ -8,6 +8,14 @@ model runs in bfloat16 where the CPU supports it. Every trial is appended to a J
 finishes, so an interrupted search loses nothing and ``resume=True`` continues it. A trial is a
 plain picklable function of (context, trial spec): processes (``workers``) or a cluster engine
 can run it; results depend only on (seed, trial number), never on the number of workers.
+
+Screening (``SearchSpec.screen``, off by default): a full evaluation costs one forward pass over
+every evaluation token, so on a 2-core CPU a BERT-base search of hundreds of trials is bounded by
+compute, not by overhead. With ``screen=N`` every trial is first scored on a fixed subset of N
+examples, stratified by (head, label) and drawn from the search seed; the ``finalists`` best of
+those (5% of the trials by default) are then scored on every example, and only full scores pick
+the best bundle. Both stages are written to the results file (``stage`` = ``screen`` / ``full``),
+so resume and worker-count invariance hold for each.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from .merge.methods import METHODS, merge_task_vectors, merge_tensor
 from .merge.recipe import MergeRecipe, load_recipe
 
 __all__ = ["SearchSpec", "TrialResult", "run_search", "trial_densities", "TrialContext",
-           "run_trial", "read_results"]
+           "run_trial", "read_results", "screen_subset"]
 
 logger = logging.getLogger("guardmerge.search")
 
@@ -46,14 +54,55 @@ class SearchSpec:
     shared_density: bool = False
     objective: str = "mean"          # mean | min | head:<name>
     min_density: float = 0.01
+    screen: int = 0                  # >0: every trial is scored on this many examples first
+    finalists: int = 0               # with screen: how many go on to all examples (0: 5%)
 
     def __post_init__(self) -> None:
         if self.trials < 1:
             raise ConfigError("trials must be >= 1")
+        if self.screen < 0 or self.finalists < 0:
+            raise ConfigError("screen and finalists must be >= 0")
+        if self.finalists > self.trials:
+            raise ConfigError(f"finalists ({self.finalists}) cannot exceed trials ({self.trials})")
         if min(self.beta) <= 0:
             raise ConfigError(f"beta parameters must be > 0, got {self.beta}")
         if not (self.objective in ("mean", "min") or self.objective.startswith("head:")):
             raise ConfigError(f"objective must be mean, min or head:<name>, got {self.objective!r}")
+
+
+    @property
+    def n_finalists(self) -> int:
+        """With screening: the trials (best screening scores) evaluated on every example."""
+        return self.finalists or max(1, -(-self.trials // 20))
+
+
+def screen_subset(examples: Sequence[Example], size: int, seed: int) -> list[int]:
+    """Indices of a fixed screening subset: ``size`` examples stratified by (head, label) in
+    proportion (largest remainder, at least one per group while there is room), drawn with
+    ``seed``. A function of the data and the seed only."""
+    if size >= len(examples):
+        raise ConfigError(f"screen = {size} must be smaller than the {len(examples)} evaluation "
+                          "examples (0 turns screening off)")
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault((e.head, e.label), []).append(i)
+    keys = sorted(groups)
+    quota = {k: size * len(groups[k]) / len(examples) for k in keys}
+    take = {k: min(len(groups[k]), max(1, int(quota[k]))) for k in keys}
+    while sum(take.values()) > size:  # more groups than room: drop the smallest quotas' extras
+        k = min((k for k in keys if take[k] > 0), key=lambda k: (quota[k], k))
+        take[k] -= 1
+    for k in sorted(keys, key=lambda k: (-(quota[k] - int(quota[k])), k)):
+        if sum(take.values()) >= size:
+            break
+        if take[k] < len(groups[k]):
+            take[k] += 1
+    rng = np.random.default_rng([seed, 0x5C])
+    chosen: list[int] = []
+    for k in keys:
+        idx = groups[k]
+        chosen += [idx[j] for j in rng.permutation(len(idx))[:take[k]]]
+    return sorted(chosen)
 
 
 @dataclass
@@ -66,6 +115,7 @@ class TrialResult:
     accuracy: dict[str, float]
     seconds: float
     method: str = ""
+    stage: str = "full"              # "screen": scored on the screening subset only
     report: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> str:
@@ -102,7 +152,7 @@ class TrialContext:
     whose weights each trial overwrites, and the evaluation texts tokenised once."""
 
     def __init__(self, recipe: MergeRecipe, examples: Sequence[Example], *, dtype: str = "auto",
-                 batch_size: int = 16) -> None:
+                 batch_size: int = 16, screen: Sequence[int] = ()) -> None:
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         from .classifier import BundleClassifier, resolve_dtype
@@ -144,9 +194,14 @@ class TrialContext:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         self.runtime = BundleClassifier(model, tokenizer, self.heads, batch_size=batch_size)
         self.examples = list(examples)
-        texts = sorted({e.text for e in self.examples})
-        self.position = {t: i for i, t in enumerate(texts)}
-        self.prepared = self.runtime.prepare(texts)
+        self.sets = {"full": self._prepare(self.examples)}
+        if screen:
+            self.sets["screen"] = self._prepare([self.examples[i] for i in screen])
+        self.prepared = self.sets["full"][2]
+
+    def _prepare(self, examples: list[Example]) -> tuple[list[Example], dict[str, int], Any]:
+        texts = sorted({e.text for e in examples})
+        return examples, {t: i for i, t in enumerate(texts)}, self.runtime.prepare(texts)
 
     def load(self, method: str, densities: Sequence[float], seed: int) -> None:
         """Merge in memory (the same kernel as a disk merge) into the model's weights."""
@@ -174,37 +229,43 @@ class TrialContext:
                 merged = merged.to(self.specs[name].dtype)
                 self.params[name].copy_(merged.view(self.params[name].shape))
 
-    def evaluate(self) -> EvalReport:
-        scored = self.runtime.classify_prepared(self.prepared)
-        preds = []
-        for e in self.examples:
-            preds.append(predicted_label(scored[self.position[e.text]].heads[e.head]))
-        return report_from_predictions("candidate", self.examples, preds, self.heads)
+    def evaluate(self, stage: str = "full") -> EvalReport:
+        """The loaded candidate on every example (``full``) or the screening subset."""
+        if stage not in self.sets:
+            raise ValueError(f"no {stage!r} evaluation set (stages: {', '.join(self.sets)})")
+        examples, position, prepared = self.sets[stage]
+        scored = self.runtime.classify_prepared(prepared)
+        preds = [predicted_label(scored[position[e.text]].heads[e.head]) for e in examples]
+        return report_from_predictions("candidate", examples, preds, self.heads)
 
 
 _CONTEXT: TrialContext | None = None
 
 
-def _init_worker(recipe: Mapping[str, Any], examples: list[Example], dtype: str, threads: int) -> None:
+def _init_worker(recipe: Mapping[str, Any], examples: list[Example], dtype: str, threads: int,
+                 screen: Sequence[int] = ()) -> None:
     global _CONTEXT
     torch.set_num_threads(max(1, threads))
-    _CONTEXT = TrialContext(MergeRecipe.from_dict(dict(recipe)), examples, dtype=dtype)
+    _CONTEXT = TrialContext(MergeRecipe.from_dict(dict(recipe)), examples, dtype=dtype,
+                            screen=screen)
 
 
-def run_trial(spec: SearchSpec, trial: int, context: TrialContext | None = None) -> TrialResult:
-    """One trial: densities and seed from (search seed, trial), merge in memory, evaluate."""
+def run_trial(spec: SearchSpec, trial: int, context: TrialContext | None = None, *,
+              stage: str = "full") -> TrialResult:
+    """One trial: densities and seed from (search seed, trial), merge in memory, evaluate on
+    every example (``stage="full"``) or on the screening subset (``"screen"``)."""
     ctx = context or _CONTEXT
     if ctx is None:
         raise RuntimeError("run_trial needs a TrialContext (or a worker initialised with one)")
     start = time.perf_counter()
     densities, seed = trial_densities(spec, trial, len(ctx.recipe.models))
     ctx.load(ctx.recipe.method, densities, seed)
-    report = ctx.evaluate()
+    report = ctx.evaluate(stage)
     return TrialResult(trial=trial, seed=seed, densities=densities, score=objective(spec, report),
                        heads={h: r.macro_f1 for h, r in report.heads.items()},
                        accuracy={h: r.accuracy for h, r in report.heads.items()},
                        seconds=time.perf_counter() - start, method=ctx.recipe.method,
-                       report=report.to_dict())
+                       stage=stage, report=report.to_dict())
 
 
 def _header(recipe: MergeRecipe, spec: SearchSpec, examples: Sequence[Example]) -> dict[str, Any]:
@@ -234,8 +295,9 @@ def read_results(path: str | os.PathLike[str]) -> tuple[dict[str, Any] | None, l
             header = row
         elif row.get("type") == "trial":
             row.pop("type")
-            trials[row["trial"]] = TrialResult(**row)
-    return header, [trials[k] for k in sorted(trials)]
+            r = TrialResult(**row)
+            trials[(r.trial, r.stage)] = r
+    return header, [trials[k] for k in sorted(trials, key=lambda k: (k[1] != "screen", k[0]))]
 
 
 def run_search(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str],
@@ -259,16 +321,17 @@ def run_search(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str],
     if old_header is not None and old_header != json.loads(json.dumps(header)):
         raise ConfigError(f"{results_path}: was written by a different search (recipe, spec or "
                           "data differ); it cannot be resumed with these settings")
-    done_ids = {t.trial for t in done}
-    todo = [t for t in range(spec.trials) if t not in done_ids]
+    screen = screen_subset(examples, spec.screen, spec.seed) if spec.screen else []
     # (re)write header + completed trials atomically: drops a line half-written by a crash
     tmp = results_path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join([json.dumps(header, sort_keys=True) + "\n"] +
                            [t.to_json() + "\n" for t in done]), encoding="utf-8")
     os.replace(tmp, results_path)
     results = list(done)
-    best = max(results, key=lambda r: (r.score, -r.trial), default=None)
-    bar = Progress(spec.trials, "search", enabled=progress)
+    final_stage = [r for r in results if r.stage == "full"]
+    best = max(final_stage, key=lambda r: (r.score, -r.trial), default=None)
+    total = spec.trials + (spec.n_finalists if screen else 0)
+    bar = Progress(total, "search", enabled=progress)
     bar.done = len(done)
 
     def record(r: TrialResult) -> None:
@@ -278,24 +341,59 @@ def run_search(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str],
             fh.flush()
             os.fsync(fh.fileno())
         results.append(r)
-        if best is None or (r.score, -r.trial) > (best.score, -best.trial):
+        if r.stage == "full" and (best is None or (r.score, -r.trial) > (best.score, -best.trial)):
             best = r
-        bar.update(1, note=f"best {best.score:.4f} (trial {best.trial})")
+        note = f"best {best.score:.4f} (trial {best.trial})" if best else \
+            f"screening: trial {r.trial} {r.score:.4f}"
+        bar.update(1, note=note)
 
-    with bar:
-        if todo and workers <= 1:
-            ctx = TrialContext(recipe, examples, dtype=dtype)
-            for t in todo:
-                record(run_trial(spec, t, ctx))
-        elif todo:
+    def missing(stage: str, trials: Sequence[int]) -> list[int]:
+        have = {r.trial for r in results if r.stage == stage}
+        return [t for t in trials if t not in have]
+
+    pool = None
+    ctx: TrialContext | None = None
+
+    def run_stage(stage: str, trials: list[int]) -> None:
+        nonlocal pool, ctx
+        if not trials:
+            return
+        if workers <= 1:
+            if ctx is None:
+                ctx = TrialContext(recipe, examples, dtype=dtype, screen=screen)
+            for t in trials:
+                record(run_trial(spec, t, ctx, stage=stage))
+            return
+        if pool is None:
             threads = max(1, (os.cpu_count() or 2) // workers)
-            mp = multiprocessing.get_context("spawn")
-            with mp.Pool(workers, initializer=_init_worker,
-                         initargs=(recipe.to_dict(), examples, dtype, threads)) as pool:
-                for r in pool.imap_unordered(_pool_trial, [(spec, t) for t in todo]):
-                    record(r)
-    results.sort(key=lambda r: r.trial)
-    summary: dict[str, Any] = {"trials": len(results), "results": str(results_path)}
+            pool = multiprocessing.get_context("spawn").Pool(
+                workers, initializer=_init_worker,
+                initargs=(recipe.to_dict(), examples, dtype, threads, screen))
+        for r in pool.imap_unordered(_pool_trial, [(spec, t, stage) for t in trials]):
+            record(r)
+
+    try:
+        with bar:
+            if screen:
+                # stage 1: every trial on the screening subset; stage 2: the best screening
+                # scores on every example. Both depend on the finished stage-1 results only, so
+                # the outcome is the same for any number of workers and across resumes.
+                run_stage("screen", missing("screen", list(range(spec.trials))))
+                screened = sorted((r for r in results if r.stage == "screen"),
+                                  key=lambda r: (-r.score, r.trial))
+                finalists = sorted(r.trial for r in screened[:spec.n_finalists])
+                run_stage("full", missing("full", finalists))
+            else:
+                run_stage("full", missing("full", list(range(spec.trials))))
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    results.sort(key=lambda r: (r.stage != "screen", r.trial))
+    summary: dict[str, Any] = {"trials": spec.trials, "results": str(results_path)}
+    if screen:
+        summary["screen"] = {"examples": len(screen), "of": len(examples),
+                             "finalists": sorted(r.trial for r in results if r.stage == "full")}
     assert best is not None
     summary["best"] = {"trial": best.trial, "score": best.score, "densities": best.densities,
                        "seed": best.seed, "heads": best.heads}
@@ -316,9 +414,9 @@ def run_search(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str],
     return summary
 
 
-def _pool_trial(args: tuple[SearchSpec, int]) -> TrialResult:
-    spec, trial = args
-    return run_trial(spec, trial)
+def _pool_trial(args: tuple[SearchSpec, int, str]) -> TrialResult:
+    spec, trial, stage = args
+    return run_trial(spec, trial, stage=stage)
 
 
 def evaluate_sources(recipe: MergeRecipe, examples: Sequence[Example], *,

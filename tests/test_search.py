@@ -153,3 +153,67 @@ def test_report_without_matplotlib_still_has_the_numbers(case, tmp_path, monkeyp
     text = Path(summary["report"]).read_text()
     assert "Plots skipped" in text and "| trial | score |" in text and "original F1" in text
     assert not list((tmp_path / "s").glob("*.png"))
+
+
+def test_screen_subset_is_stratified_exact_and_seeded():
+    from guardmerge.exceptions import ConfigError
+    from guardmerge.search import screen_subset
+
+    examples = ([Example(f"j{i}", "jb", "jailbreak") for i in range(30)]
+                + [Example(f"b{i}", "jb", "benign") for i in range(60)]
+                + [Example(f"h{i}", "hate", "hate") for i in range(10)])
+    idx = screen_subset(examples, 20, seed=4)
+    assert len(idx) == 20 == len(set(idx)) and idx == sorted(idx)
+    counts = {}
+    for i in idx:
+        key = (examples[i].head, examples[i].label)
+        counts[key] = counts.get(key, 0) + 1
+    assert counts == {("jb", "jailbreak"): 6, ("jb", "benign"): 12, ("hate", "hate"): 2}
+    assert screen_subset(examples, 20, seed=4) == idx != screen_subset(examples, 20, seed=5)
+    assert len(screen_subset(examples, 2, seed=0)) == 2  # fewer slots than groups: still exact
+    with pytest.raises(ConfigError, match="smaller than the 100"):
+        screen_subset(examples, 100, seed=0)
+
+
+def test_screened_search_sends_the_best_screening_scores_to_all_examples(case, tmp_path):
+    spec = SearchSpec(trials=8, seed=1, beta=(2.0, 8.0), screen=12, finalists=3)
+    summary = run_search(case["recipe"], [case["data"]], tmp_path / "s", spec, dtype="float32")
+    _, rows = read_results(summary["results"])
+    screen = [r for r in rows if r.stage == "screen"]
+    full = [r for r in rows if r.stage == "full"]
+    assert [r.trial for r in screen] == list(range(8))
+    expected = sorted(r.trial for r in sorted(screen, key=lambda r: (-r.score, r.trial))[:3])
+    assert [r.trial for r in full] == expected == summary["screen"]["finalists"]
+    assert all(r.report["heads"]["jailbreak"]["n"] == 12 for r in screen)
+    assert all(r.report["heads"]["jailbreak"]["n"] == 40 for r in full)
+    # a finalist's score on all examples is what an unscreened search gives that trial
+    plain = run_search(case["recipe"], [case["data"]], tmp_path / "plain",
+                       SearchSpec(trials=8, seed=1, beta=(2.0, 8.0)), dtype="float32",
+                       save_best=False, compare_sources=False, report=False)
+    _, plain_rows = read_results(plain["results"])
+    by_trial = {r.trial: r.score for r in plain_rows}
+    assert all(r.score == by_trial[r.trial] for r in full)
+    best = max(full, key=lambda r: (r.score, -r.trial))
+    assert summary["best"]["trial"] == best.trial and summary["best"]["score"] == best.score
+    clf = BundleClassifier.from_pretrained(summary["best_bundle"])
+    assert evaluate(clf, case["examples"]).heads["jailbreak"].macro_f1 == best.score
+    assert "screening: every trial scored on 12 examples" in Path(summary["report"]).read_text()
+
+
+def test_screened_search_resumes_and_ignores_the_worker_count(case, tmp_path):
+    spec = SearchSpec(trials=6, seed=2, screen=10, finalists=2)
+    kw = dict(dtype="float32", save_best=False, compare_sources=False, report=False)
+    ref = run_search(case["recipe"], [case["data"]], tmp_path / "ref", spec, **kw)
+    lines = (tmp_path / "ref" / "trials.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + 6 + 2
+    for cut in (4, 8):  # interrupted while screening, then while evaluating the finalists
+        out = tmp_path / f"cut{cut}"
+        out.mkdir()
+        (out / "trials.jsonl").write_text("\n".join(lines[:cut]) + "\n" + lines[cut][:30])
+        resumed = run_search(case["recipe"], [case["data"]], out, spec, resume=True, **kw)
+        assert resumed["best"] == ref["best"]
+        _, a = read_results(out / "trials.jsonl")
+        _, b = read_results(tmp_path / "ref" / "trials.jsonl")
+        assert [(r.trial, r.stage, r.score) for r in a] == [(r.trial, r.stage, r.score) for r in b]
+    two = run_search(case["recipe"], [case["data"]], tmp_path / "w2", spec, workers=2, **kw)
+    assert two["best"] == ref["best"] and two["screen"] == ref["screen"]
