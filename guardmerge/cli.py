@@ -354,6 +354,7 @@ def _cmd_build_guards(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import _bench
 
+    _quiet_transformers(args.verbose)
     if args.bench_command == "runtime":
         _bench.runtime(layers=args.layers, hidden=args.hidden, heads=args.heads,
                        intermediate=args.intermediate, repeats=args.repeats,
