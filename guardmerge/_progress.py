@@ -32,10 +32,14 @@ class Progress:
         self.start = time.monotonic()
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._last_decile = -1
+        self._eta: float | None = None
 
-    def update(self, n: int = 1, *, note: str = "") -> None:
+    def update(self, n: int = 1, *, note: str = "", eta: float | None = None) -> None:
+        """Advance by ``n``; ``eta`` (seconds) replaces the rate-based estimate when the
+        remaining steps cost differently from the finished ones."""
         self.done += n
         self.note = note or self.note
+        self._eta = eta
         if self.enabled:
             self._draw()
 
@@ -43,6 +47,8 @@ class Progress:
         frac = self.done / self.total if self.total else 1.0
         elapsed = time.monotonic() - self.start
         eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        if self._eta is not None:
+            eta = self._eta
         filled = int(self.width * frac)
         bar = "#" * filled + "-" * (self.width - filled)
         line = (f"{self.desc} [{bar}] {self.done}/{self.total} {_fmt(elapsed)} "

@@ -334,6 +334,25 @@ def run_search(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str],
     bar = Progress(total, "search", enabled=progress)
     bar.done = len(done)
 
+    # ETA per stage: a screening trial and a full one cost very differently. Until a full trial
+    # has run, its cost is the screening cost scaled by the text it reads (an overestimate: the
+    # merge part does not scale).
+    text_ratio = (sum(len(e.text) for e in examples) /
+                  max(1, sum(len(examples[i].text) for i in screen))) if screen else 1.0
+
+    def eta() -> float | None:
+        if not screen:
+            return None
+        mean = {st: [r.seconds for r in results if r.stage == st] for st in ("screen", "full")}
+        s_mean = sum(mean["screen"]) / len(mean["screen"]) if mean["screen"] else None
+        f_mean = (sum(mean["full"]) / len(mean["full"]) if mean["full"]
+                  else s_mean * text_ratio if s_mean is not None else None)
+        if s_mean is None or f_mean is None:
+            return None
+        left_s = max(0, spec.trials - len(mean["screen"]))
+        left_f = max(0, spec.n_finalists - len(mean["full"]))
+        return (left_s * s_mean + left_f * f_mean) / max(1, workers)
+
     def record(r: TrialResult) -> None:
         nonlocal best
         with open(results_path, "a", encoding="utf-8") as fh:
@@ -343,9 +362,12 @@ def run_search(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str],
         results.append(r)
         if r.stage == "full" and (best is None or (r.score, -r.trial) > (best.score, -best.trial)):
             best = r
-        note = f"best {best.score:.4f} (trial {best.trial})" if best else \
-            f"screening: trial {r.trial} {r.score:.4f}"
-        bar.update(1, note=note)
+        if best is not None:
+            note = f"best {best.score:.4f} (trial {best.trial})"
+        else:
+            top = max((x for x in results if x.stage == "screen"), key=lambda x: (x.score, -x.trial))
+            note = f"screening, best {top.score:.4f} (trial {top.trial})"
+        bar.update(1, note=note, eta=eta())
 
     def missing(stage: str, trials: Sequence[int]) -> list[int]:
         have = {r.trial for r in results if r.stage == stage}

@@ -217,3 +217,33 @@ def test_screened_search_resumes_and_ignores_the_worker_count(case, tmp_path):
         assert [(r.trial, r.stage, r.score) for r in a] == [(r.trial, r.stage, r.score) for r in b]
     two = run_search(case["recipe"], [case["data"]], tmp_path / "w2", spec, workers=2, **kw)
     assert two["best"] == ref["best"] and two["screen"] == ref["screen"]
+
+
+def test_screened_search_progress_shows_the_best_score_so_far(case, tmp_path, capsys):
+    spec = SearchSpec(trials=8, seed=1, beta=(2.0, 8.0), screen=12, finalists=3)
+    summary = run_search(case["recipe"], [case["data"]], tmp_path / "s", spec, dtype="float32",
+                         save_best=False, compare_sources=False, report=False, progress=True)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("search [")]
+    _, rows = read_results(summary["results"])
+    by_done = {}
+    for ln in lines:  # "search [###---] 5/11 00:01 eta 00:02 <note>"
+        done = int(ln.split("] ")[1].split("/")[0])
+        by_done[done] = ln
+    assert 11 in by_done and f"best {summary['best']['score']:.4f} (trial " \
+        f"{summary['best']['trial']})" in by_done[11]
+    for done, ln in by_done.items():
+        if 0 < done <= 8:  # still screening: the best screening score among the first `done`
+            top = max(rows[:done], key=lambda r: (r.score, -r.trial))
+            assert f"screening, best {top.score:.4f} (trial {top.trial})" in ln
+
+
+def test_progress_eta_can_be_given():
+    import io
+
+    from guardmerge._progress import Progress
+
+    out = io.StringIO()
+    with Progress(10, "x", stream=out) as bar:
+        bar.update(1)
+        bar.update(1, eta=125.0)
+    assert "2/10" in out.getvalue().splitlines()[-1] and "eta 02:05" in out.getvalue()
