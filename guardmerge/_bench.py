@@ -213,7 +213,7 @@ def search(*, texts: int = 1000, words: int = 40, trials: int = 3, layers: int =
         for i in range(texts):
             head = "jailbreak" if i % 2 == 0 else "hate"
             examples.append(Example(random_text(words, seed=i, words=vocab), head,
-                                    labels[head][i % len(labels[head])]))
+                                    labels[head][(i // 2) % len(labels[head])]))
         recipe = MergeRecipe.from_dict({
             "base": str(paths["base"]), "method": "dare_ties",
             "models": [{"model": str(paths["jb"]), "head": "jailbreak", "labels": labels["jailbreak"]},
