@@ -231,7 +231,7 @@ def search(*, texts: int = 1000, words: int = 40, trials: int = 3, layers: int =
             t = time.perf_counter()
             ctx = TrialContext(recipe, examples, dtype=dtype, screen=screen_idx)
             setup = time.perf_counter() - t
-            n_tokens = sum(len(ids) for _, _, ids in ctx.prepared.items)
+            n_tokens = sum(len(ids) for _, _, ids in ctx.sets["full"].prepared.items)
             merge_t: list[float] = []
             eval_t: dict[str, list[float]] = {stage: [] for stage in ctx.sets}
             for k in range(trials):

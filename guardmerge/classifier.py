@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -195,6 +195,16 @@ class Prepared:
 
     items: list[tuple[int, int, list[int]]]
     per_text: list[tuple[list[Window], int, int, int]]
+
+    def select(self, text_indices: Sequence[int]) -> "Prepared":
+        """The prepared texts ``text_indices`` (in that order, renumbered from 0), without
+        tokenising them again."""
+        new = {old: k for k, old in enumerate(text_indices)}
+        items = sorted(((new[ti], wi, ids) for ti, wi, ids in self.items if ti in new),
+                       key=lambda x: (x[0], x[1]))
+        per_text = [([replace(w, text_index=k) for w in self.per_text[old][0]],
+                     *self.per_text[old][1:]) for k, old in enumerate(text_indices)]
+        return Prepared(items=items, per_text=per_text)
 
 
 class BundleClassifier(Classifier):

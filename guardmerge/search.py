@@ -28,7 +28,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -62,6 +62,9 @@ class SearchSpec:
             raise ConfigError("trials must be >= 1")
         if self.screen < 0 or self.finalists < 0:
             raise ConfigError("screen and finalists must be >= 0")
+        if self.finalists and not self.screen:
+            raise ConfigError(f"finalists ({self.finalists}) needs screen > 0: without screening "
+                              "every trial is evaluated on all examples")
         if self.finalists > self.trials:
             raise ConfigError(f"finalists ({self.finalists}) cannot exceed trials ({self.trials})")
         if min(self.beta) <= 0:
@@ -103,6 +106,14 @@ def screen_subset(examples: Sequence[Example], size: int, seed: int) -> list[int
         idx = groups[k]
         chosen += [idx[j] for j in rng.permutation(len(idx))[:take[k]]]
     return sorted(chosen)
+
+
+class _EvalSet(NamedTuple):
+    """Evaluation examples, each distinct text's position, and those texts prepared."""
+
+    examples: list[Example]
+    position: dict[str, int]
+    prepared: Any
 
 
 @dataclass
@@ -194,14 +205,15 @@ class TrialContext:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         self.runtime = BundleClassifier(model, tokenizer, self.heads, batch_size=batch_size)
         self.examples = list(examples)
-        self.sets = {"full": self._prepare(self.examples)}
-        if screen:
-            self.sets["screen"] = self._prepare([self.examples[i] for i in screen])
-        self.prepared = self.sets["full"][2]
-
-    def _prepare(self, examples: list[Example]) -> tuple[list[Example], dict[str, int], Any]:
-        texts = sorted({e.text for e in examples})
-        return examples, {t: i for i, t in enumerate(texts)}, self.runtime.prepare(texts)
+        texts = sorted({e.text for e in self.examples})
+        position = {t: i for i, t in enumerate(texts)}
+        full = _EvalSet(self.examples, position, self.runtime.prepare(texts))
+        self.sets = {"full": full}
+        if screen:  # a subset of the full set's windows: its texts are not tokenised again
+            subset = [self.examples[i] for i in screen]
+            sub_texts = sorted({e.text for e in subset})
+            self.sets["screen"] = _EvalSet(subset, {t: i for i, t in enumerate(sub_texts)},
+                                           full.prepared.select([position[t] for t in sub_texts]))
 
     def load(self, method: str, densities: Sequence[float], seed: int) -> None:
         """Merge in memory (the same kernel as a disk merge) into the model's weights."""
@@ -233,10 +245,10 @@ class TrialContext:
         """The loaded candidate on every example (``full``) or the screening subset."""
         if stage not in self.sets:
             raise ValueError(f"no {stage!r} evaluation set (stages: {', '.join(self.sets)})")
-        examples, position, prepared = self.sets[stage]
-        scored = self.runtime.classify_prepared(prepared)
-        preds = [predicted_label(scored[position[e.text]].heads[e.head]) for e in examples]
-        return report_from_predictions("candidate", examples, preds, self.heads)
+        ev = self.sets[stage]
+        scored = self.runtime.classify_prepared(ev.prepared)
+        preds = [predicted_label(scored[ev.position[e.text]].heads[e.head]) for e in ev.examples]
+        return report_from_predictions("candidate", ev.examples, preds, self.heads)
 
 
 _CONTEXT: TrialContext | None = None

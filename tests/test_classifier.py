@@ -117,6 +117,19 @@ def test_results_do_not_depend_on_batching_or_order(random_bundle):
                 assert rb.score(head, label) == pytest.approx(score, abs=1e-4)
 
 
+def test_selecting_prepared_texts_equals_preparing_them_again(trigger_classifier):
+    texts = [random_text(n, seed=n) for n in (10, 1200, 3000, 20, 700)]
+    texts[2] = random_text(3000, seed=9, insert={1500: TRIGGER})
+    prepared = trigger_classifier.prepare(texts)
+    picked = prepared.select([4, 2, 0])  # multi-window texts, out of order
+    fresh = trigger_classifier.prepare([texts[4], texts[2], texts[0]])
+    assert picked.items == fresh.items and picked.per_text == fresh.per_text
+    assert [w.text_index for w in picked.per_text[1][0]] == [1] * 7
+    scored = trigger_classifier.classify_prepared(picked)
+    assert [r.text_index for r in scored] == [0, 1, 2]
+    assert scored[1].score("jailbreak", "jailbreak") > 0.99 > 0.01 > scored[0].score("jailbreak", "jailbreak")
+
+
 def test_token_budget_scores_only_the_start(trigger_classifier):
     text = random_text(3000, seed=4, insert={2500: TRIGGER})
     result = trigger_classifier.classify([text], max_tokens=1000)[0]

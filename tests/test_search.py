@@ -173,6 +173,8 @@ def test_screen_subset_is_stratified_exact_and_seeded():
     assert len(screen_subset(examples, 2, seed=0)) == 2  # fewer slots than groups: still exact
     with pytest.raises(ConfigError, match="smaller than the 100"):
         screen_subset(examples, 100, seed=0)
+    with pytest.raises(ConfigError, match="finalists .3. needs screen > 0"):
+        SearchSpec(trials=8, finalists=3)
 
 
 def test_screened_search_sends_the_best_screening_scores_to_all_examples(case, tmp_path):
