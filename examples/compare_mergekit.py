@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from guardmerge._merge_bench import run
+from guardmerge.tools.merge_bench import run
 
 
 def main() -> int:

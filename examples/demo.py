@@ -42,18 +42,19 @@ def main() -> int:
 
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    from guardmerge import (Guard, PromptBlockedError, ResponseBlockedError, guard_client)
-    from guardmerge._build import build_guards
+    hf_logging.disable_progress_bar()  # an application may quiet transformers' load output
+    hf_logging.set_verbosity_error()
+    from guardmerge import Guard, PromptBlockedError, ResponseBlockedError, guard_client
     from guardmerge.testing import OpenAICompatServer
+    from guardmerge.tools.build import build_guards
 
     cache = CACHE.parent / "guards-quick" if args.quick else CACHE
     if args.rebuild and cache.exists():
         shutil.rmtree(cache)
     summary = build_guards(cache, scale=0.15 if args.quick else 1.0,
                            search_trials=3 if args.quick else 12)
-    guard = Guard.from_bundle(summary["bundle"], ROOT / "policies" / "default.yaml", dtype="auto")
-    guard.include_scores = True
+    guard = Guard.from_bundle(summary["bundle"], ROOT / "policies" / "default.yaml", dtype="auto",
+                              include_scores=True)
     print(f"\nguard bundle: {summary['bundle']} ({summary['chosen']}), heads "
           f"{', '.join(h.name for h in guard.classifier.heads)}; policy {guard.policy.name}")
 
@@ -64,8 +65,7 @@ def main() -> int:
 
     test = [json.loads(line) for line in
             Path(summary["test_file"]).read_text(encoding="utf-8").splitlines() if line.strip()]
-    enc = guard.classifier._encoder
-    n_tok = lambda t: len(enc.encode(t, add_special_tokens=False).ids)  # noqa: E731
+    n_tok = guard.classifier.count_tokens
     jailbreak = next(r["text"] for r in test if r["head"] == "jailbreak" and
                      r["label"] == "jailbreak" and 80 < n_tok(r["text"]) < 300 and
                      guard.check_text(r["text"]).blocked)
@@ -88,32 +88,36 @@ def main() -> int:
     ]
     if toxic:
         prompts.insert(2, ("held-out toxic prompt (the first one the bundle flags)", toxic))
+    verdicts = []  # every verdict of every guarded call: the prompt's, then the response's
     with OpenAICompatServer(reply=llm_stand_in) as server:
         client = guard_client(openai.OpenAI(base_url=server.url, api_key="local", max_retries=0),
-                              guard)
+                              guard, on_verdict=verdicts.append)
         print(f"LLM stand-in: {server.url}\n")
         for label, text in prompts:
             messages = [{"role": "user", "content": text}]
-            verdict = guard.check(messages, "input")
-            scores = verdict.scores[0] if verdict.scores else {}
+            verdicts.clear()
+            try:
+                reply = client.chat.completions.create(model="stand-in", messages=messages)
+                outcome = f"reply: {reply.choices[0].message.content[:70]!r}"
+            except PromptBlockedError:
+                outcome = "-> blocked before the LLM was called"
+            except ResponseBlockedError as exc:
+                outcome = f"-> response blocked: {exc.verdict.findings[0].describe()}"
+            prompt_verdict = verdicts[0]
+            scores = prompt_verdict.scores[0] if prompt_verdict.scores else {}
             top = "; ".join(f"{h} " + " ".join(f"{lab}={v:.2f}" for lab, v in s.items())
                             for h, s in scores.items())
-            print(f"[{verdict.action.value.upper():5}] {label}")
+            print(f"[{prompt_verdict.action.value.upper():5}] {label}")
             print(f"        max over windows: {top}")
-            for f in verdict.findings:
+            for f in prompt_verdict.findings:
                 snippet = text[f.span[0]:f.span[1]] if f.span else ""
                 snippet = (snippet[:40] + " ... " + snippet[-30:]) if len(snippet) > 80 else snippet
                 print(f"        {f.describe()}  \"{snippet}\"")
-            try:
-                reply = client.chat.completions.create(model="stand-in", messages=messages)
-                out = guard.check([reply.choices[0].message.content], "output")
-                print(f"        reply ({out.action.value}): {reply.choices[0].message.content[:70]!r}")
+            for out in verdicts[1:]:  # the response's verdict, when the LLM was called
+                print(f"        response: {out.action.value}")
                 for f in out.findings:
                     print(f"        output {f.describe()}")
-            except PromptBlockedError:
-                print("        -> blocked before the LLM was called")
-            except ResponseBlockedError as exc:
-                print(f"        -> response blocked: {exc.verdict.findings[0].describe()}")
+            print(f"        {outcome}")
     t = summary["timing"]
     print(f"\none merged bundle vs three separate models on {t['texts']} texts: "
           f"{t['merged_s']:.1f}s vs {t['separate_s']:.1f}s (ratio {t['ratio']:.2f})")

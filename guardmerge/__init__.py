@@ -1,71 +1,76 @@
 """guardmerge: one merged multi-head guard model around an LLM chat.
 
-The public API is exactly ``__all__``; every module is an implementation detail.
+The public API is exactly ``__all__`` here, in ``guardmerge.merge`` (HM3 merging, evaluation,
+search) and in ``guardmerge.testing`` (the test kit); everything else, modules included, is an
+implementation detail. ``guardmerge.tools`` holds the benchmarks and the demo builder; the
+library never imports it.
+
+Layers point one way (each imports only those above it)::
+
+    exceptions, labels, chunking, verdict, _validate, _options, _safetensors, _atomic
+    bundle                       folders, manifests, headers (no torch)
+    classifier                   the runtime (torch and transformers only once a model loads)
+    policy -> guard              rules -> verdicts; messages -> one batched classification
+    _http, client                the OpenAI-style client and the guard wrapper
+    merge/                       HM3 merge, evaluation, search (torch)
+    cli                          the command line; imports the rest lazily
+
+Names are loaded on first use, so ``import guardmerge`` (and the CLI's fast commands) does not
+import torch or transformers.
 """
+
+import importlib as _importlib
+import typing as _typing
 
 __version__ = "0.1.0"
 
-from ._http import AsyncChatClient, ChatClient, RetryPolicy
-from .bundle import BundleInfo, inspect_bundle
-from .chunking import Window
-from .classifier import BundleClassifier, Classifier, FunctionClassifier, HeadScores, TextScores
-from .exceptions import (
-    BlockedError,
-    ClassifierError,
-    ConfigError,
-    DataError,
-    GuardmergeError,
-    MergeError,
-    ModelLoadError,
-    PolicyError,
-    PromptBlockedError,
-    RecipeError,
-    ResponseBlockedError,
-    UpstreamError,
-    UpstreamTimeout,
-)
-from .client import AsyncGuardedClient, GuardedClient, guard_client
-from .guard import CachedClassifier, Guard
-from .labels import Head
-from .policy import Policy, Rule, load_policy
-from .verdict import Action, Finding, Verdict
+_EXPORTS = {
+    "AsyncChatClient": "_http", "ChatClient": "_http", "RetryPolicy": "_http",
+    "BundleInfo": "bundle", "inspect_bundle": "bundle",
+    "Window": "chunking",
+    "BundleClassifier": "classifier", "Classifier": "classifier",
+    "FunctionClassifier": "classifier", "HeadScores": "classifier",
+    "RuntimeOptions": "classifier", "TextScores": "classifier",
+    "BlockedError": "exceptions", "ClassifierError": "exceptions", "ConfigError": "exceptions",
+    "DataError": "exceptions", "GuardmergeError": "exceptions", "MergeError": "exceptions",
+    "ModelLoadError": "exceptions", "PolicyError": "exceptions",
+    "PromptBlockedError": "exceptions", "RecipeError": "exceptions",
+    "ResponseBlockedError": "exceptions", "UpstreamError": "exceptions",
+    "UpstreamTimeout": "exceptions",
+    "AsyncGuardedClient": "client", "GuardedClient": "client", "guard_client": "client",
+    "CachedClassifier": "guard", "Guard": "guard",
+    "Head": "labels",
+    "Policy": "policy", "Rule": "policy",
+    "Action": "verdict", "Finding": "verdict", "Verdict": "verdict",
+}
 
-__all__ = [
-    "__version__",
-    "Action",
-    "AsyncChatClient",
-    "AsyncGuardedClient",
-    "BlockedError",
-    "BundleClassifier",
-    "BundleInfo",
-    "CachedClassifier",
-    "ChatClient",
-    "Classifier",
-    "ClassifierError",
-    "ConfigError",
-    "DataError",
-    "Finding",
-    "FunctionClassifier",
-    "Guard",
-    "GuardedClient",
-    "GuardmergeError",
-    "Head",
-    "HeadScores",
-    "MergeError",
-    "ModelLoadError",
-    "Policy",
-    "PolicyError",
-    "PromptBlockedError",
-    "RecipeError",
-    "ResponseBlockedError",
-    "RetryPolicy",
-    "Rule",
-    "TextScores",
-    "UpstreamError",
-    "UpstreamTimeout",
-    "Verdict",
-    "Window",
-    "guard_client",
-    "inspect_bundle",
-    "load_policy",
-]
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+if _typing.TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from ._http import AsyncChatClient, ChatClient, RetryPolicy
+    from .bundle import BundleInfo, inspect_bundle
+    from .chunking import Window
+    from .classifier import (BundleClassifier, Classifier, FunctionClassifier, HeadScores,
+                             RuntimeOptions, TextScores)
+    from .client import AsyncGuardedClient, GuardedClient, guard_client
+    from .exceptions import (BlockedError, ClassifierError, ConfigError, DataError,
+                             GuardmergeError, MergeError, ModelLoadError, PolicyError,
+                             PromptBlockedError, RecipeError, ResponseBlockedError,
+                             UpstreamError, UpstreamTimeout)
+    from .guard import CachedClassifier, Guard
+    from .labels import Head
+    from .policy import Policy, Rule
+    from .verdict import Action, Finding, Verdict
+
+
+def __getattr__(name: str) -> "_typing.Any":
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'guardmerge' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> "list[str]":
+    return sorted(set(globals()) | set(__all__))

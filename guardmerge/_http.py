@@ -12,17 +12,18 @@ a stream that ends without ``[DONE]`` and malformed JSON raise ``UpstreamError``
 from __future__ import annotations
 
 import email.utils
+import inspect
 import json
 import logging
 import random
 import time
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
 import httpx
 import tenacity
 
-from .exceptions import UpstreamError, UpstreamTimeout
+from .exceptions import ConfigError, UpstreamError, UpstreamTimeout
 
 __all__ = ["ChatClient", "AsyncChatClient", "ChatStream", "AsyncChatStream", "RetryPolicy"]
 
@@ -43,19 +44,24 @@ class _Retryable(Exception):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How hard to try: at most ``max_attempts`` tries and ``max_retry_time`` seconds of retrying."""
+    """How hard to try: at most ``max_attempts`` tries and ``max_retry_time`` seconds of retrying.
+
+    ``sleep``: what waits between attempts (default ``time.sleep`` / ``asyncio.sleep``); tests
+    pass a recorder so retries run deterministically and instantly.
+    """
 
     max_attempts: int = 4
     max_retry_time: float = 30.0
     backoff_initial: float = 0.5
     backoff_max: float = 8.0
     jitter: float = 0.5
+    sleep: Callable[[float], Any] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
-            raise ValueError("max_attempts must be >= 1")
+            raise ConfigError(f"max_attempts: must be >= 1, got {self.max_attempts}")
         if self.max_retry_time < 0 or self.backoff_initial < 0:
-            raise ValueError("retry times must be >= 0")
+            raise ConfigError("max_retry_time and backoff_initial must be >= 0")
 
     def wait(self, state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -76,10 +82,22 @@ class RetryPolicy:
         return elapsed >= self.max_retry_time or (
             after is not None and elapsed + after > self.max_retry_time)
 
-    def _kwargs(self) -> dict[str, Any]:
-        return {"stop": self.stop, "wait": self.wait, "reraise": True,
-                "retry": tenacity.retry_if_exception_type(_Retryable),
-                "before_sleep": _log_retry}
+    def _kwargs(self, *, asynchronous: bool = False) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"stop": self.stop, "wait": self.wait, "reraise": True,
+                                  "retry": tenacity.retry_if_exception_type(_Retryable),
+                                  "before_sleep": _log_retry}
+        if self.sleep is not None:
+            sleep = self.sleep
+            if asynchronous:
+                async def asleep(seconds: float) -> None:
+                    result = sleep(seconds)
+                    if inspect.isawaitable(result):
+                        await result
+
+                kwargs["sleep"] = asleep
+            else:
+                kwargs["sleep"] = sleep
+        return kwargs
 
 
 def _log_retry(state: tenacity.RetryCallState) -> None:
@@ -187,14 +205,13 @@ def _request_body(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class _Base:
-    def __init__(self, base_url: str, api_key: str | None, timeout: float | httpx.Timeout,
-                 retry: RetryPolicy | None, headers: Mapping[str, str] | None) -> None:
+    def __init__(self, base_url: str, api_key: str | None, retry: RetryPolicy | None,
+                 headers: Mapping[str, str] | None) -> None:
         self.retry = retry or RetryPolicy()
         self._headers = {"Accept": "application/json", **(headers or {})}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._base_url = base_url.rstrip("/")
-        self._timeout = timeout
 
 
 class ChatStream:
@@ -245,7 +262,7 @@ class ChatClient(_Base):
                  timeout: float | httpx.Timeout = 60.0, retry: RetryPolicy | None = None,
                  headers: Mapping[str, str] | None = None,
                  transport: httpx.BaseTransport | None = None) -> None:
-        super().__init__(base_url, api_key, timeout, retry, headers)
+        super().__init__(base_url, api_key, retry, headers)
         self._http = httpx.Client(timeout=timeout, headers=self._headers, transport=transport)
         self.chat = _Namespace(completions=_Namespace(create=self.create_chat_completion))
 
@@ -334,7 +351,7 @@ class AsyncChatClient(_Base):
                  timeout: float | httpx.Timeout = 60.0, retry: RetryPolicy | None = None,
                  headers: Mapping[str, str] | None = None,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
-        super().__init__(base_url, api_key, timeout, retry, headers)
+        super().__init__(base_url, api_key, retry, headers)
         self._http = httpx.AsyncClient(timeout=timeout, headers=self._headers, transport=transport)
         self.chat = _Namespace(completions=_Namespace(create=self.create_chat_completion))
 
@@ -361,7 +378,7 @@ class AsyncChatClient(_Base):
             return _parse_json(response.text)
 
         try:
-            return await tenacity.AsyncRetrying(**self.retry._kwargs())(attempt)
+            return await tenacity.AsyncRetrying(**self.retry._kwargs(asynchronous=True))(attempt)
         except _Retryable as exc:
             raise _final(exc, state["attempts"]) from None
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,27 +25,36 @@ import yaml
 
 from ._safetensors import read_header
 from .exceptions import ModelLoadError
-from .labels import Head, check_heads, qualified_label
+from .labels import Head, check_heads, duplicates, head_name_from_id, qualified_label
 
 __all__ = [
     "BundleInfo",
     "FORMAT_VERSION",
     "MANIFEST_FILE",
+    "TOKENIZER_FILES",
     "inspect_bundle",
     "resolve_model_dir",
+    "weight_files",
     "write_manifest",
+    "config_for_heads",
     "output_layer_prefix",
     "hash_files",
+    "read_vocab",
+    "save_tokenizer",
+    "copy_tokenizer",
 ]
-
-logger = logging.getLogger("guardmerge.bundle")
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "guardmerge.json"
 _MANIFEST_NAMES = ("guardmerge.json", "guardmerge.yaml", "guardmerge.yml")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spm.model", "sentencepiece.bpe.model",
-                    "vocab.json")
+#: every file a tokenizer may consist of: all of them are copied into a bundle. ``True`` marks
+#: the files that carry a vocabulary (a folder needs at least one of those).
+TOKENIZER_FILES: dict[str, bool] = {
+    "tokenizer.json": True, "vocab.txt": True, "vocab.json": True, "spm.model": True,
+    "sentencepiece.bpe.model": True, "merges.txt": False, "tokenizer_config.json": False,
+    "special_tokens_map.json": False, "added_tokens.json": False,
+}
 # Hub downloads: everything a bundle needs, never a pickle.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.yaml", "*.yml"]
 
@@ -84,7 +93,6 @@ class BundleInfo:
     weight_files: list[Path]
     tensors: dict[str, dict[str, Any]] = field(repr=False)
     manifest: dict[str, Any] | None = None
-    source_id: str = ""
 
     @property
     def num_labels(self) -> int:
@@ -96,13 +104,7 @@ class BundleInfo:
 
     @property
     def num_parameters(self) -> int:
-        total = 0
-        for info in self.tensors.values():
-            n = 1
-            for s in info["shape"]:
-                n *= s
-            total += n
-        return total
+        return sum(math.prod(info["shape"]) for info in self.tensors.values())
 
     @property
     def weight_bytes(self) -> int:
@@ -149,7 +151,8 @@ def _read_json(path: Path) -> Any:
         raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors weight files of a model folder (one file, or the shards of an index)."""
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
     if single.exists():
@@ -189,7 +192,7 @@ def _id2label(config: Mapping[str, Any], config_path: Path) -> list[str] | None:
     if [k for k, _ in items] != list(range(len(items))):
         raise ModelLoadError(f"{config_path}: id2label must have ids 0..{len(items) - 1}")
     labels = [str(v) for _, v in items]
-    dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
+    dupes = duplicates(labels)
     if dupes:
         raise ModelLoadError(f"{config_path}: duplicate label names in id2label: {dupes}")
     return labels
@@ -250,11 +253,10 @@ def inspect_bundle(model: str | os.PathLike[str], revision: str | None = None) -
             f"{config_path}: declares custom code (auto_map); guardmerge never runs remote code"
         )
     labels = _id2label(config, config_path)
-    weight_files = _weight_files(folder)
+    files = weight_files(folder)
     tensors: dict[str, dict[str, Any]] = {}
-    for wf in weight_files:
-        header, _ = read_header(wf)
-        tensors.update(header)
+    for wf in files:
+        tensors.update(read_header(wf).tensors)
     prefix = _OUTPUT_LAYERS.get(str(config["model_type"]))
     if labels is None:
         out = tensors.get(f"{prefix}.weight") if prefix else None
@@ -262,10 +264,10 @@ def inspect_bundle(model: str | os.PathLike[str], revision: str | None = None) -
             raise ModelLoadError(f"{config_path}: no id2label and no output layer "
                                  "(is this a sequence classifier?)")
         labels = [f"LABEL_{i}" for i in range(out["shape"][0])]
-    if not any((folder / f).exists() for f in _TOKENIZER_FILES):
-        raise ModelLoadError(
-            f"{folder}: no tokenizer files (expected one of {', '.join(_TOKENIZER_FILES)})"
-        )
+    vocab_files = [name for name, has_vocab in TOKENIZER_FILES.items() if has_vocab]
+    if not any((folder / f).exists() for f in vocab_files):
+        raise ModelLoadError(f"{folder}: no tokenizer files (expected one of "
+                             f"{', '.join(vocab_files)})")
 
     manifest_path, manifest = _read_manifest(folder)
     if manifest is not None:
@@ -281,24 +283,22 @@ def inspect_bundle(model: str | os.PathLike[str], revision: str | None = None) -
                 f"(manifest gives {expected}, config has {labels})"
             )
     else:
-        name = folder.name if hub_revision is None else str(model).split("/")[-1]
-        name = name.replace(":", "_") or "model"
-        heads = (Head(name=name, labels=tuple(labels), offset=0,
-                      source=str(model), revision=hub_revision),)
+        heads = (Head(name=head_name_from_id(str(model) if hub_revision else folder.name),
+                      labels=tuple(labels), offset=0, source=str(model), revision=hub_revision),)
 
     if prefix is not None:
         weight = tensors.get(f"{prefix}.weight")
         if weight is None:
             raise ModelLoadError(
-                f"{weight_files[0]}: no tensor '{prefix}.weight' (is this a sequence classifier?)"
+                f"{files[0]}: no tensor '{prefix}.weight' (is this a sequence classifier?)"
             )
         if weight["shape"][0] != len(labels):
             raise ModelLoadError(
-                f"{weight_files[0]}: tensor '{prefix}.weight' has {weight['shape'][0]} rows but "
+                f"{files[0]}: tensor '{prefix}.weight' has {weight['shape'][0]} rows but "
                 f"{config_path.name} declares {len(labels)} labels"
             )
-    return BundleInfo(path=folder, heads=heads, config=config, weight_files=weight_files,
-                      tensors=tensors, manifest=manifest, source_id=str(model))
+    return BundleInfo(path=folder, heads=heads, config=config, weight_files=files,
+                      tensors=tensors, manifest=manifest)
 
 
 def hash_files(paths: Sequence[Path]) -> str:
@@ -338,3 +338,68 @@ def config_for_heads(config: Mapping[str, Any], heads: Sequence[Head]) -> dict[s
     out["id2label"] = {str(i): n for i, n in enumerate(names)}
     out["label2id"] = {n: i for i, n in enumerate(names)}
     return out
+
+
+def read_vocab(folder: Path) -> dict[str, int] | None:
+    """The tokenizer vocabulary (token -> id) read from a folder's files (no transformers
+    import); None when the folder has no vocabulary file."""
+    tj = folder / "tokenizer.json"
+    try:
+        if tj.exists():
+            data = json.loads(tj.read_text(encoding="utf-8"))
+            model = data.get("model") or {}
+            vocab = model.get("vocab")
+            if isinstance(vocab, list):  # unigram: [[piece, score], ...]
+                out = {str(p[0]): i for i, p in enumerate(vocab)}
+            elif isinstance(vocab, dict):
+                out = {str(k): int(v) for k, v in vocab.items()}
+            else:
+                raise ValueError("no model.vocab")
+            for tok in data.get("added_tokens") or []:
+                out[str(tok["content"])] = int(tok["id"])
+            return out
+        vt = folder / "vocab.txt"
+        if vt.exists():
+            return {line.rstrip("\n"): i for i, line in
+                    enumerate(vt.read_text(encoding="utf-8").splitlines())}
+        vj = folder / "vocab.json"
+        if vj.exists():
+            return {str(k): int(v) for k, v in json.loads(vj.read_text(encoding="utf-8")).items()}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{folder}: cannot read the tokenizer vocabulary: {exc}") from exc
+    return None
+
+
+def _wordpiece(folder: Path) -> bool:
+    try:
+        data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and (data.get("model") or {}).get("type") == "WordPiece"
+
+
+def _ensure_vocab_txt(folder: Path) -> None:
+    """transformers 5 no longer writes ``vocab.txt`` for WordPiece tokenizers; bundles carry it
+    (older loaders and other tools read it), so it is written from ``tokenizer.json``."""
+    if (folder / "vocab.txt").exists() or not _wordpiece(folder):
+        return
+    vocab = read_vocab(folder) or {}
+    ordered = sorted(vocab, key=vocab.__getitem__)
+    (folder / "vocab.txt").write_text("\n".join(ordered) + "\n", encoding="utf-8")
+
+
+def save_tokenizer(tokenizer: Any, folder: str | os.PathLike[str]) -> None:
+    """``tokenizer.save_pretrained(folder)``, plus ``vocab.txt`` for WordPiece tokenizers."""
+    folder = Path(folder)
+    tokenizer.save_pretrained(folder)
+    _ensure_vocab_txt(folder)
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """Copy every tokenizer file of ``src`` (``TOKENIZER_FILES``) into ``dst``."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+    _ensure_vocab_txt(dst)

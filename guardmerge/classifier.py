@@ -5,6 +5,9 @@ runs all windows of all texts as length-sorted, dynamically padded batches, appl
 each head's slice of the logits separately, and keeps, per label, the maximum over windows and
 the window that gave it. ``FunctionClassifier`` is a model-free stand-in with the same interface,
 for tests and for wiring checks.
+
+torch and transformers are imported when a model is loaded, not when this module is: the
+interface, the scores and ``FunctionClassifier`` need neither.
 """
 
 from __future__ import annotations
@@ -13,19 +16,22 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
-import torch
-
+from ._options import option
 from .bundle import BundleInfo, inspect_bundle
 from .chunking import Window, plan_windows
-from .exceptions import ClassifierError, ModelLoadError
+from .exceptions import ClassifierError, ConfigError, ModelLoadError
 from .labels import Head, heads_from_layout
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 __all__ = [
     "Classifier",
     "BundleClassifier",
     "FunctionClassifier",
+    "RuntimeOptions",
     "TextScores",
     "HeadScores",
     "per_head_softmax",
@@ -34,28 +40,62 @@ __all__ = [
 
 logger = logging.getLogger("guardmerge.classifier")
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DType = Literal["float32", "bfloat16", "float16", "auto"]
+_DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
+                "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "auto": "auto"}
+DEFAULT_OVERLAP = 64
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"float32" | "bfloat16" | "auto" | torch.dtype`` -> torch dtype.
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How a bundle is loaded and run (``BundleClassifier.from_pretrained`` and the CLI's
+    ``--dtype / --threads / --batch-size / --overlap / --max-length``)."""
+
+    dtype: DType = option("float32", "weights and activations: float32, bfloat16, float16, or "
+                          "auto (bfloat16 where the CPU has native bf16, else float32)")
+    threads: int | None = option(None, "torch CPU threads (process-wide; default: torch's)")
+    batch_size: int = option(8, "windows per forward pass")
+    overlap: int | None = option(None, "tokens shared by adjacent windows (default 64, or "
+                                 "window - 1 for a shorter window)")
+    max_length: int | None = option(None, "tokens per window including the special tokens "
+                                    "(default: the model's limit)")
+
+    def __post_init__(self) -> None:
+        if str(self.dtype).lower() not in _DTYPE_NAMES:
+            raise ConfigError(f"dtype: unknown dtype {self.dtype!r}; use float32, bfloat16, "
+                              "float16 or auto")
+        object.__setattr__(self, "dtype", _DTYPE_NAMES[str(self.dtype).lower()])
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads: must be >= 1, got {self.threads}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.overlap is not None and self.overlap < 0:
+            raise ConfigError(f"overlap: must be >= 0, got {self.overlap}")
+        if self.max_length is not None and self.max_length < 3:
+            raise ConfigError(f"max_length: must be >= 3 (two special tokens and one more), "
+                              f"got {self.max_length}")
+
+
+def resolve_dtype(dtype: "str | torch.dtype") -> "torch.dtype":
+    """``"float32" | "bfloat16" | "float16" | "auto" | torch.dtype`` -> torch dtype.
 
     ``auto`` picks bfloat16 where the CPU has native bf16 support (AVX512-BF16 / AMX), which is
-    several times faster than fp32 for BERT-size models, and float32 elsewhere.
+    faster than fp32 for BERT-size models there, and float32 elsewhere.
     """
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype == "auto":
+    name = _DTYPE_NAMES.get(str(dtype).lower())
+    if name is None:
+        raise ConfigError(f"dtype: unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto")
+    if name == "auto":
         try:
             fast = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except Exception:  # pragma: no cover - older builds
             fast = False
         return torch.bfloat16 if fast else torch.float32
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or auto") from None
+    return getattr(torch, name)
 
 
 @dataclass
@@ -75,6 +115,7 @@ class HeadScores:
 
     @property
     def top(self) -> tuple[str, float]:
+        """The label with the highest score, and that score (ties: the first label)."""
         label = max(self.labels, key=lambda lab: self.scores[lab])
         return label, self.scores[label]
 
@@ -106,6 +147,7 @@ class TextScores:
         return self.heads[head].scores[label]
 
     def window_for(self, head: str, label: str) -> Window:
+        """The window in which ``label`` of ``head`` reached its maximum."""
         return self.windows[self.heads[head].windows[label]]
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,11 +160,14 @@ class TextScores:
 
 
 class Classifier:
-    """Interface every guard model implements (subclass it for a custom model)."""
+    """Interface every guard model implements (subclass it for a custom model).
+
+    ``heads`` are the model's heads in logit order; ``name`` says what the model is (a bundle's
+    path, for instance) in reports and logs.
+    """
 
     heads: tuple[Head, ...] = ()
-    #: identifies the weights (used to key caches); two classifiers with the same id score alike
-    fingerprint: str = ""
+    name: str = ""
 
     def classify(self, texts: Sequence[str], *, max_tokens: int | None = None) -> list[TextScores]:
         raise NotImplementedError
@@ -130,21 +175,17 @@ class Classifier:
     def relabel(self, labels: Sequence[str]) -> None:
         """Give a single-head classifier meaningful label names (e.g. for LABEL_0, LABEL_1)."""
         if len(self.heads) != 1:
-            raise ValueError("relabel() applies to single-head classifiers only")
+            raise ConfigError("relabel() applies to single-head classifiers only")
         h = self.heads[0]
         if len(labels) != h.size:
-            raise ValueError(f"{len(labels)} label names given; the model has {h.size} labels")
+            raise ConfigError(f"{len(labels)} label names given; the model has {h.size} labels")
         self.heads = (Head(name=h.name, labels=tuple(labels), offset=0),)
 
-    def head(self, name: str) -> Head:
-        for h in self.heads:
-            if h.name == name:
-                return h
-        raise KeyError(name)
 
-
-def per_head_softmax(logits: torch.Tensor, heads: Sequence[Head]) -> torch.Tensor:
+def per_head_softmax(logits: "torch.Tensor", heads: Sequence[Head]) -> "torch.Tensor":
     """Softmax over each head's slice of the last dimension separately (float32 result)."""
+    import torch
+
     logits = logits.float()
     out = torch.empty_like(logits)
     for h in heads:
@@ -152,21 +193,22 @@ def per_head_softmax(logits: torch.Tensor, heads: Sequence[Head]) -> torch.Tenso
     return out
 
 
-def _aggregate(text_index: int, windows: list[Window], probs: list[torch.Tensor],
+def _aggregate(text_index: int, windows: list[Window], rows: list[list[float]],
                heads: Sequence[Head], n_tokens: int, scanned: int, length: int) -> TextScores:
-    stacked = torch.stack(probs) if probs else torch.zeros(0, sum(h.size for h in heads))
+    """Per head and label: the maximum over windows and the (first) window that gave it."""
     result: dict[str, HeadScores] = {}
     for h in heads:
-        part = stacked[:, h.offset:h.stop]
-        best, arg = part.max(dim=0)
-        rows = part.tolist()
-        result[h.name] = HeadScores(
-            head=h.name,
-            labels=h.labels,
-            scores={lab: float(best[j]) for j, lab in enumerate(h.labels)},
-            windows={lab: int(arg[j]) for j, lab in enumerate(h.labels)},
-            window_probs=[dict(zip(h.labels, row)) for row in rows],
-        )
+        part = [row[h.offset:h.stop] for row in rows]
+        scores: dict[str, float] = {}
+        best_window: dict[str, int] = {}
+        for j, lab in enumerate(h.labels):
+            column = [r[j] for r in part]
+            best = max(range(len(column)), key=column.__getitem__) if column else 0
+            scores[lab] = float(column[best]) if column else 0.0
+            best_window[lab] = best
+        result[h.name] = HeadScores(head=h.name, labels=h.labels, scores=scores,
+                                    windows=best_window,
+                                    window_probs=[dict(zip(h.labels, r)) for r in part])
     return TextScores(text_index=text_index, n_tokens=n_tokens, scanned_tokens=scanned,
                       windows=windows, heads=result, text_length=length)
 
@@ -207,23 +249,33 @@ class Prepared:
         return Prepared(items=items, per_text=per_text)
 
 
+def _window_overlap(overlap: int | None, window_tokens: int) -> int:
+    if overlap is None:
+        return min(DEFAULT_OVERLAP, window_tokens - 1)
+    if not 0 <= overlap < window_tokens:
+        raise ConfigError(f"overlap: must be in [0, {window_tokens - 1}] for windows of "
+                          f"{window_tokens} tokens, got {overlap}")
+    return int(overlap)
+
+
 class BundleClassifier(Classifier):
     """A loaded guard bundle. Thread-safe: load once, call from many threads."""
 
     def __init__(self, model: Any, tokenizer: Any, heads: Sequence[Head], *,
-                 info: BundleInfo | None = None, max_length: int = 512, overlap: int = 64,
-                 batch_size: int = 8) -> None:
+                 info: BundleInfo | None = None, max_length: int = 512,
+                 overlap: int | None = None, batch_size: int = 8) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
+        if max_length < 3:
+            raise ConfigError(f"max_length: must be >= 3, got {max_length}")
         self.model = model
         self.tokenizer = tokenizer
         self.heads = tuple(heads)
         self.info = info
+        self.name = str(info.path) if info else type(model).__name__
         self.max_length = int(max_length)
         self.window_tokens = self.max_length - 2
-        if not 0 <= overlap < self.window_tokens:
-            raise ValueError(f"overlap must be in [0, {self.window_tokens - 1}], got {overlap}")
-        self.overlap = int(overlap)
+        self.overlap = _window_overlap(overlap, self.window_tokens)
         self.batch_size = int(batch_size)
         self.stats = RuntimeStats()
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -242,26 +294,26 @@ class BundleClassifier(Classifier):
         if self.cls_id is None or self.sep_id is None:
             raise ModelLoadError("tokenizer has no CLS/SEP (or BOS/EOS) special tokens")
         self.dtype = next(model.parameters()).dtype
-        path = str(info.path) if info else ""
-        self.fingerprint = f"{path}|{self.dtype}|{self.max_length}|{self.overlap}"
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike[str], *, revision: str | None = None,
-                        dtype: str | torch.dtype = "float32", threads: int | None = None,
-                        batch_size: int = 8, overlap: int = 64,
-                        max_length: int | None = None) -> "BundleClassifier":
-        """Load a bundle (local folder or Hub id), validated, in ``dtype`` (float32 / bfloat16 / auto).
+                        options: RuntimeOptions | None = None,
+                        **overrides: Any) -> "BundleClassifier":
+        """Load a bundle (local folder or Hub id), validated.
 
-        ``threads`` sets torch's intra-op thread count (process-wide, as torch defines it).
+        ``options`` (a ``RuntimeOptions``) or its fields as keywords: ``dtype`` (float32 /
+        bfloat16 / float16 / auto), ``threads`` (torch's intra-op threads, process-wide, as
+        torch defines it), ``batch_size``, ``overlap``, ``max_length``.
         """
+        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        opts = replace(options or RuntimeOptions(), **overrides) if overrides else \
+            (options or RuntimeOptions())
         info = inspect_bundle(model, revision=revision)
-        torch_dtype = resolve_dtype(dtype)
-        if threads is not None:
-            if threads < 1:
-                raise ValueError(f"threads must be >= 1, got {threads}")
-            torch.set_num_threads(int(threads))
+        torch_dtype = resolve_dtype(opts.dtype)
+        if opts.threads is not None:
+            torch.set_num_threads(int(opts.threads))
         try:
             tokenizer = AutoTokenizer.from_pretrained(info.path, trust_remote_code=False)
         except Exception as exc:
@@ -277,15 +329,19 @@ class BundleClassifier(Classifier):
             config_max -= 2  # position ids start after the padding index
         tok_max = int(getattr(tokenizer, "model_max_length", config_max) or config_max)
         limit = min(config_max, tok_max if tok_max < 1_000_000 else config_max)
-        if max_length is not None:
-            if max_length > limit or max_length < 3:
-                raise ValueError(f"max_length must be in [3, {limit}] for this model")
-            limit = max_length
-        overlap = min(overlap, max(0, limit - 3))
+        if opts.max_length is not None:
+            if opts.max_length > limit:
+                raise ConfigError(f"max_length: must be in [3, {limit}] for {info.path}, got "
+                                  f"{opts.max_length}")
+            limit = opts.max_length
         logger.info("loaded bundle %s: heads=%s dtype=%s max_length=%d", info.path,
                     [h.name for h in info.heads], torch_dtype, limit)
-        return cls(net, tokenizer, info.heads, info=info, max_length=limit, overlap=overlap,
-                   batch_size=batch_size)
+        return cls(net, tokenizer, info.heads, info=info, max_length=limit,
+                   overlap=opts.overlap, batch_size=opts.batch_size)
+
+    def count_tokens(self, text: str) -> int:
+        """How many tokens ``text`` is (without special tokens), as the windows count them."""
+        return len(self._encoder.encode(text, add_special_tokens=False).ids)
 
     # -- the hot path ------------------------------------------------------------------------
 
@@ -331,9 +387,11 @@ class BundleClassifier(Classifier):
             out.append(_aggregate(ti, windows, rows, self.heads, n, scan, length))
         return out
 
-    def _run(self, items: list[tuple[int, int, list[int]]]) -> dict[tuple[int, int], torch.Tensor]:
+    def _run(self, items: list[tuple[int, int, list[int]]]) -> dict[tuple[int, int], list[float]]:
+        import torch
+
         order = sorted(range(len(items)), key=lambda k: -len(items[k][2]))
-        results: dict[tuple[int, int], torch.Tensor] = {}
+        results: dict[tuple[int, int], list[float]] = {}
         passes = 0
         try:
             with torch.inference_mode():
@@ -347,9 +405,9 @@ class BundleClassifier(Classifier):
                         mask[row, :len(ids)] = 1
                     logits = self.model(input_ids=input_ids, attention_mask=mask).logits
                     passes += 1
-                    probs = per_head_softmax(logits, self.heads)
+                    rows = per_head_softmax(logits, self.heads).tolist()
                     for row, (ti, wi, _) in enumerate(batch):
-                        results[(ti, wi)] = probs[row]
+                        results[(ti, wi)] = rows[row]
         except Exception as exc:
             raise ClassifierError(f"guard model forward pass failed: {exc}") from exc
         self.stats.add(len({ti for ti, _, _ in items}), len(items), passes)
@@ -360,7 +418,8 @@ class FunctionClassifier(Classifier):
     """A model-free classifier: ``fn(text) -> {head: {label: probability}}``.
 
     For tests and wiring checks, the way ``httpx.MockTransport`` stands in for a network. The
-    text is one window; its token count is its whitespace-separated word count.
+    text is one window; its token count is its whitespace-separated word count. Labels a
+    function leaves out share what is left of the head's probability mass equally.
 
     >>> clf = FunctionClassifier({"jb": ["benign", "jailbreak"]},
     ...     lambda t: {"jb": {"jailbreak": 0.99 if "ignore previous" in t else 0.01}})
@@ -374,7 +433,7 @@ class FunctionClassifier(Classifier):
         else:
             self.heads = tuple(heads)
         self.fn = fn
-        self.fingerprint = f"function:{name}:{id(fn)}"
+        self.name = name
         self.stats = RuntimeStats()
 
     def classify(self, texts: Sequence[str], *, max_tokens: int | None = None) -> list[TextScores]:
@@ -392,7 +451,7 @@ class FunctionClassifier(Classifier):
                     pos = text.index(w, pos) + len(w)
                 scan_text = text[:pos]
             raw = self.fn(scan_text) or {}
-            row = torch.zeros(sum(h.size for h in self.heads), dtype=torch.float64)
+            row = [0.0] * sum(h.size for h in self.heads)
             for h in self.heads:
                 given = dict(raw.get(h.name, {}))
                 unknown = set(given) - set(h.labels)
@@ -402,7 +461,7 @@ class FunctionClassifier(Classifier):
                 rest = [lab for lab in h.labels if lab not in given]
                 left = max(0.0, 1.0 - sum(given.values()))
                 for j, lab in enumerate(h.labels):
-                    row[h.offset + j] = given.get(lab, left / len(rest) if rest else 0.0)
+                    row[h.offset + j] = float(given.get(lab, left / len(rest) if rest else 0.0))
             window = Window(ti, 0, 0, scanned, 0, len(scan_text))
             out.append(_aggregate(ti, [window], [row], self.heads, n, scanned, len(text)))
         self.stats.add(len(out), len(out), 1 if out else 0)

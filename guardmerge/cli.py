@@ -1,6 +1,10 @@
 """The ``guardmerge`` command: a thin shell over the library. ``main(argv) -> exit code``.
 
 Exit codes: 0 pass, 3 flag, 4 block (``scan``); 2 usage or configuration error; 1 other error.
+Flags of ``scan`` / ``eval`` (runtime), ``merge`` and ``search`` come from the library's options
+dataclasses (``RuntimeOptions``, ``MergeOptions``, ``SearchOptions``), so the command line and
+the Python API take the same options with the same defaults. Every command imports what it
+needs when it runs: ``--help`` and ``policy check`` never load torch.
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._options import add_options, from_args
+from .classifier import RuntimeOptions
 from .exceptions import ConfigError, GuardmergeError, ModelLoadError
+from .merge.options import MergeOptions, SearchOptions
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -49,7 +56,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--role", default=None, help="message role (default: user / assistant)")
     s.add_argument("--json", action="store_true", help="print the verdict as JSON")
     s.add_argument("--scores", action="store_true", help="also print every head's scores")
-    _add_runtime_options(s)
+    add_options(s, RuntimeOptions)
 
     i = sub.add_parser("inspect", help="show a bundle's heads, labels, recipe and sizes")
     i.add_argument("bundle")
@@ -64,8 +71,7 @@ def _build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="HM3-merge classifiers into a guard bundle")
     m.add_argument("recipe", help="merge recipe YAML")
     m.add_argument("-o", "--output", required=True, help="bundle folder to write")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    m.add_argument("--no-progress", action="store_true")
+    add_options(m, MergeOptions)
 
     e = sub.add_parser("eval", help="per-head accuracy / macro-F1 / confusion on labelled data")
     e.add_argument("model", help="bundle or single-head classifier folder (or Hub id)")
@@ -78,26 +84,13 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="for a single-head model: comma-separated names for its labels")
     e.add_argument("--skip-bad", action="store_true", help="skip bad rows (each is reported)")
     e.add_argument("--json", action="store_true")
-    e.add_argument("--dtype", default="float32")
+    add_options(e, RuntimeOptions)
 
     se = sub.add_parser("search", help="Beta-sampled density search over merges")
     se.add_argument("recipe")
     se.add_argument("--eval", dest="eval_data", nargs="+", required=True, help="labelled data files")
-    se.add_argument("--trials", type=int, default=100)
-    se.add_argument("--seed", type=int, default=0)
-    se.add_argument("--beta", type=float, nargs=2, default=(2.0, 5.0), metavar=("A", "B"))
-    se.add_argument("--shared-density", action="store_true", help="one density for all models")
-    se.add_argument("--objective", default="mean", help="mean | min | head:NAME (of macro-F1)")
-    se.add_argument("--screen", type=int, default=0, metavar="N",
-                    help="score every trial on N examples (stratified) first; only the best "
-                    "go on to all examples (0: off, every trial on all examples)")
-    se.add_argument("--finalists", type=int, default=0, metavar="K",
-                    help="with --screen: trials evaluated on all examples (0: 5%% of trials)")
-    se.add_argument("--workers", type=int, default=1)
-    se.add_argument("--dtype", default="auto")
     se.add_argument("-o", "--out", required=True, help="folder for trials.jsonl, best bundle, report")
-    se.add_argument("--resume", action="store_true")
-    se.add_argument("--no-progress", action="store_true")
+    add_options(se, SearchOptions)
 
     bg = sub.add_parser("build-guards", help="fine-tune real guard heads from packaged data and "
                         "merge them (offline; cached)")
@@ -137,14 +130,9 @@ def _build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--workdir", default=None, help="keep inputs/outputs here (default: temp)")
     bm.add_argument("--repeat", type=int, default=3,
                     help="runs per tool and method, alternating; medians are reported")
+    bc = b_sub.add_parser("cli", help="start-up time of --help and policy check (fresh processes)")
+    bc.add_argument("--repeats", type=int, default=10)
     return p
-
-
-def _add_runtime_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--overlap", type=int, default=64, help="tokens shared by adjacent windows")
 
 
 def _read_text(arg: str) -> str:
@@ -160,11 +148,13 @@ def _read_text(arg: str) -> str:
 
 
 def _quiet_transformers(verbose: bool) -> None:
-    """The CLI is an application: it may silence transformers' progress bars (unless -v)."""
+    """The CLI is an application: it silences transformers' weight-loading bars and load
+    reports (unless -v); guardmerge's own progress bars and errors still show."""
     if not verbose:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
@@ -175,8 +165,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     text = _read_text(args.text)
     policy = Policy.load(args.policy)
     _quiet_transformers(args.verbose)
-    clf = BundleClassifier.from_pretrained(args.bundle, dtype=args.dtype, threads=args.threads,
-                                           batch_size=args.batch_size, overlap=args.overlap)
+    clf = BundleClassifier.from_pretrained(args.bundle, options=from_args(RuntimeOptions, args))
     guard = Guard(clf, policy, include_scores=args.scores or args.json)
     verdict = guard.check_text(text, direction=args.direction, role=args.role)
     if args.json:
@@ -259,10 +248,9 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import merge_from_recipe
+    from .merge import merge
 
-    out = merge_from_recipe(args.recipe, args.output, overwrite=args.overwrite,
-                            progress=not args.no_progress)
+    out = merge(args.recipe, args.output, from_args(MergeOptions, args))
     print(f"wrote {out}")
     return EXIT_OK
 
@@ -275,17 +263,18 @@ def _single_head_view(clf: Any, as_head: str | None, labels: str | None) -> dict
     if labels:
         try:
             clf.relabel([x.strip() for x in labels.split(",")])
-        except ValueError as exc:
+        except ConfigError as exc:
             raise _UsageError(f"--labels: {exc}") from exc
     return {clf.heads[0].name: as_head} if as_head else {}
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .classifier import BundleClassifier
-    from .evaluate import comparison_table, evaluate, load_examples, render_comparison
+    from .merge import comparison_table, evaluate, load_examples, render_comparison
 
     _quiet_transformers(args.verbose)
-    clf = BundleClassifier.from_pretrained(args.model, dtype=args.dtype)
+    runtime = from_args(RuntimeOptions, args)
+    clf = BundleClassifier.from_pretrained(args.model, options=runtime)
     rename = _single_head_view(clf, args.as_head, args.labels)
     heads = [h if h.name not in rename else type(h)(name=rename[h.name], labels=h.labels)
              for h in clf.heads]
@@ -296,11 +285,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         head, sep, folder = item.partition("=")
         if not sep:
             raise _UsageError(f"--source {item!r}: expected HEAD=DIR")
-        src = BundleClassifier.from_pretrained(folder, dtype=args.dtype)
+        src = BundleClassifier.from_pretrained(folder, options=runtime)
         if len(src.heads) == 1 and head in merged.heads:
             try:
                 src.relabel(merged.heads[head].labels)
-            except ValueError as exc:
+            except ConfigError as exc:
                 raise _UsageError(f"--source {item}: {exc}") from exc
             originals[head] = evaluate(src, examples, model=folder, rename={src.heads[0].name: head})
         else:
@@ -321,14 +310,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from .search import SearchSpec, run_search
+    from .merge import run_search
 
     _quiet_transformers(args.verbose)
-    spec = SearchSpec(trials=args.trials, seed=args.seed, beta=tuple(args.beta),
-                      shared_density=args.shared_density, objective=args.objective,
-                      screen=args.screen, finalists=args.finalists)
-    summary = run_search(args.recipe, args.eval_data, args.out, spec, workers=args.workers,
-                         dtype=args.dtype, resume=args.resume, progress=not args.no_progress)
+    summary = run_search(args.recipe, args.eval_data, args.out, from_args(SearchOptions, args))
     best = summary["best"]
     if "screen" in summary:
         sc = summary["screen"]
@@ -343,7 +328,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_guards(args: argparse.Namespace) -> int:
-    from ._build import build_guards
+    from .tools.build import build_guards
 
     _quiet_transformers(args.verbose)
     summary = build_guards(args.out, scale=0.15 if args.quick else 1.0, search_trials=args.trials)
@@ -352,8 +337,11 @@ def _cmd_build_guards(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from . import _bench
+    from .tools import bench as _bench
 
+    if args.bench_command == "cli":  # before transformers is imported: it measures start-up
+        _bench.cli(repeats=args.repeats)
+        return EXIT_OK
     _quiet_transformers(args.verbose)
     if args.bench_command == "runtime":
         _bench.runtime(layers=args.layers, hidden=args.hidden, heads=args.heads,
@@ -372,7 +360,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         _bench.merge(layers=args.layers, hidden=args.hidden, methods=args.methods.split(","),
                      mergekit=args.mergekit, workdir=args.workdir, repeat=args.repeat)
         return EXIT_OK
-    raise _UsageError("guardmerge bench: choose runtime or merge")
+    raise _UsageError("guardmerge bench: choose runtime, merge, middleware, search or cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,9 +7,11 @@ and re-wraps transport exceptions, so a block raised there would be scanned seve
 reported as a connection error.
 
 Works with ``openai.OpenAI`` / ``openai.AsyncOpenAI`` (responses stay SDK objects) and with
-guardmerge's ``ChatClient`` / ``AsyncChatClient`` (dicts). Everything except
-``chat.completions.create`` passes through untouched; ``with_options`` returns a guarded client.
-``chat.completions.with_raw_response`` / ``with_streaming_response`` are NOT guarded.
+guardmerge's ``ChatClient`` / ``AsyncChatClient`` (dicts). Every verdict of a guarded call
+(prompt and response, pass included) reaches ``on_verdict``; flags also reach ``on_flag``.
+Everything except ``chat.completions.create`` passes through untouched; ``with_options``
+returns a guarded client. ``chat.completions.with_raw_response`` / ``with_streaming_response``
+are NOT guarded.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from dataclasses import replace
 from typing import Any, AsyncIterator, Callable, Iterator, Literal, Mapping
 
-from .exceptions import PromptBlockedError, ResponseBlockedError
+from .exceptions import ConfigError, PromptBlockedError, ResponseBlockedError
 from .guard import Guard
 from .verdict import Action, Verdict
 
@@ -29,7 +31,7 @@ logger = logging.getLogger("guardmerge.client")
 
 OnBlock = Literal["raise", "refuse"]
 StreamMode = Literal["hold", "release"]
-FlagCallback = Callable[[Verdict], Any]
+VerdictCallback = Callable[[Verdict], Any]
 
 
 def _get(obj: Any, key: str, default: Any = None) -> Any:
@@ -48,18 +50,20 @@ def _to_dict(obj: Any) -> Any:
 class _Core:
     """Everything the sync and async wrappers share: decisions, shapes, stream bookkeeping."""
 
-    def __init__(self, guard: Guard, *, on_block: OnBlock, on_flag: FlagCallback | None,
-                 check_output: bool, stream_mode: StreamMode, window_chars: int,
-                 overlap_chars: int, sdk_types: bool) -> None:
+    def __init__(self, guard: Guard, *, on_block: OnBlock, on_flag: VerdictCallback | None,
+                 on_verdict: VerdictCallback | None, check_output: bool, stream_mode: StreamMode,
+                 window_chars: int, overlap_chars: int, sdk_types: bool) -> None:
         if on_block not in ("raise", "refuse"):
-            raise ValueError("on_block must be 'raise' or 'refuse'")
+            raise ConfigError(f"on_block must be 'raise' or 'refuse', got {on_block!r}")
         if stream_mode not in ("hold", "release"):
-            raise ValueError("stream_mode must be 'hold' or 'release'")
+            raise ConfigError(f"stream_mode must be 'hold' or 'release', got {stream_mode!r}")
         if not 0 <= overlap_chars < window_chars:
-            raise ValueError("need 0 <= overlap_chars < window_chars")
+            raise ConfigError(f"need 0 <= overlap_chars < window_chars, got {overlap_chars} "
+                              f"and {window_chars}")
         self.guard = guard
         self.on_block = on_block
         self.on_flag = on_flag
+        self.on_verdict = on_verdict
         self.check_output = check_output
         self.stream_mode = stream_mode
         self.window_chars = window_chars
@@ -69,6 +73,8 @@ class _Core:
     # -- verdicts ----------------------------------------------------------------------------
 
     def note(self, verdict: Verdict) -> None:
+        if self.on_verdict is not None:
+            self.on_verdict(verdict)
         if verdict.action is Action.FLAG:
             logger.warning("guard flagged %s", verdict.summary())
             if self.on_flag is not None:
@@ -463,7 +469,8 @@ def _is_async(client: Any) -> bool:
 
 
 def guard_client(client: Any, guard: Guard, *, on_block: OnBlock = "raise",
-                 on_flag: FlagCallback | None = None, check_output: bool = True,
+                 on_flag: VerdictCallback | None = None,
+                 on_verdict: VerdictCallback | None = None, check_output: bool = True,
                  stream_mode: StreamMode = "hold", window_chars: int = 2000,
                  overlap_chars: int = 200, is_async: bool | None = None) -> GuardedClient:
     """Wrap an OpenAI-style client so every chat completion goes through ``guard``.
@@ -472,12 +479,16 @@ def guard_client(client: Any, guard: Guard, *, on_block: OnBlock = "raise",
         ``"refuse"``: return an OpenAI-shaped completion with ``finish_reason="content_filter"``
         and the policy's ``refusal_message`` (streams end with a ``content_filter`` chunk).
     on_flag: called with every flag verdict (flags are also logged); the call goes on.
+    on_verdict: called with every verdict of every guarded call, in order: the prompt's, then
+        the response's (for streams: each window's check and the final one). This is how a
+        caller sees what the guard decided about a call that went through.
     stream_mode: ``"hold"`` (default): no text reaches the caller before the window holding it
         was checked (a hold-back of at most ``window_chars``); ``"release"``: chunks go out at
         once and are checked behind; weaker: up to one window of a blocked response is seen.
     """
     sdk_types = any(cls.__module__.startswith("openai") for cls in type(client).__mro__)
-    core = _Core(guard, on_block=on_block, on_flag=on_flag, check_output=check_output,
+    core = _Core(guard, on_block=on_block, on_flag=on_flag, on_verdict=on_verdict,
+                 check_output=check_output,
                  stream_mode=stream_mode, window_chars=window_chars, overlap_chars=overlap_chars,
                  sdk_types=sdk_types)
     if is_async if is_async is not None else _is_async(client):

@@ -5,7 +5,8 @@ catch one type. Third-party errors (transformers, safetensors, yaml, httpx) are 
 boundary where they happen, with ``raise ... from exc`` so the original stays attached::
 
     GuardmergeError
-    ├── ConfigError              bad user configuration; names the file and the key path
+    ├── ConfigError              bad user configuration or option; names the file and the key
+    │   │                        path, or the option (also a ValueError)
     │   ├── PolicyError          a YAML policy is invalid, or does not fit the bundle's heads
     │   ├── RecipeError          a merge recipe is invalid
     │   └── DataError            evaluation data has bad rows (file and line for each)
@@ -47,8 +48,10 @@ class GuardmergeError(Exception):
     """Root of every error guardmerge raises on purpose."""
 
 
-class ConfigError(GuardmergeError):
-    """A configuration file or value is invalid.
+class ConfigError(GuardmergeError, ValueError):
+    """A configuration file, option or value given by the user is invalid.
+
+    Also a ``ValueError``, so code that catches ``ValueError`` for bad arguments keeps working.
 
     ``problems`` lists every problem found (each already prefixed with ``file: key.path:``), so a
     user fixes them all in one go instead of one per run.

@@ -1,4 +1,10 @@
-"""Guard: messages -> one batched classification -> policy -> Verdict. No I/O of its own."""
+"""Guard: messages -> one batched classification -> policy -> Verdict.
+
+A ``Guard`` binds a classifier to a policy (checked against its heads). ``check`` is pure
+computation over the messages it is given; the only I/O is loading a bundle in ``from_bundle``.
+A history cache in front of the classifier makes each turn of a conversation cost only its new
+text.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from collections import OrderedDict
 from typing import Any, Iterable, Mapping, Sequence
 
 from .classifier import BundleClassifier, Classifier, TextScores
-from .exceptions import GuardmergeError
+from .exceptions import ConfigError, GuardmergeError
 from .policy import Policy
 from .verdict import Action, Finding, Verdict
 
@@ -72,10 +78,10 @@ class CachedClassifier(Classifier):
 
     def __init__(self, inner: Classifier, maxsize: int = 1024) -> None:
         if maxsize < 1:
-            raise ValueError("maxsize must be >= 1")
+            raise ConfigError(f"cache maxsize: must be >= 1, got {maxsize}")
         self.inner = inner
         self.heads = inner.heads
-        self.fingerprint = inner.fingerprint
+        self.name = inner.name
         self.maxsize = maxsize
         self._cache: OrderedDict[tuple[int | None, bytes], TextScores] = OrderedDict()
         self._lock = threading.Lock()
@@ -134,10 +140,13 @@ class Guard:
 
     @classmethod
     def from_bundle(cls, bundle: str | os.PathLike[str], policy: str | os.PathLike[str] | Policy,
-                    *, cache_size: int = 1024, **classifier_options: Any) -> "Guard":
-        clf = BundleClassifier.from_pretrained(bundle, **classifier_options)
+                    *, cache_size: int = 1024, include_scores: bool = False,
+                    **runtime_options: Any) -> "Guard":
+        """Load a bundle and a policy. ``runtime_options``: ``RuntimeOptions`` fields (``dtype``,
+        ``threads``, ``batch_size``, ``overlap``, ``max_length``) or ``options=RuntimeOptions``."""
+        clf = BundleClassifier.from_pretrained(bundle, **runtime_options)
         pol = policy if isinstance(policy, Policy) else Policy.load(policy)
-        return cls(clf, pol, cache_size=cache_size)
+        return cls(clf, pol, cache_size=cache_size, include_scores=include_scores)
 
     def check(self, messages: Iterable[Any] | str, direction: str = "input") -> Verdict:
         """Check chat messages (``{"role", "content"}`` dicts or objects, or plain strings).

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any, Iterable, Mapping, Sequence
 
-__all__ = ["Head", "qualified_label", "split_qualified", "check_heads", "heads_from_layout"]
+__all__ = ["Head", "qualified_label", "check_heads", "heads_from_layout", "duplicates",
+           "head_name_from_id", "HEAD_NAME"]
 
 SEPARATOR = ":"
+#: what a head name may contain (it becomes part of "head:label" names and of file names)
+HEAD_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 @dataclass(frozen=True)
@@ -47,11 +52,21 @@ def qualified_label(head: str, label: str) -> str:
     return f"{head}{SEPARATOR}{label}"
 
 
-def split_qualified(name: str) -> tuple[str, str]:
-    head, sep, label = name.partition(SEPARATOR)
-    if not sep:
-        raise ValueError(f"{name!r} is not a 'head:label' name")
-    return head, label
+def duplicates(names: Iterable[Any]) -> list[Any]:
+    """The names that occur more than once, sorted (the one duplicate-label check)."""
+    seen: set[Any] = set()
+    dupes: set[Any] = set()
+    for n in names:
+        (dupes if n in seen else seen).add(n)
+    return sorted(dupes, key=str)
+
+
+def head_name_from_id(model_id: str) -> str:
+    """The default head name of a model: the last part of its folder or Hub id, with anything
+    outside ``HEAD_NAME`` replaced by ``_`` (``org/jb-classifier`` -> ``jb-classifier``)."""
+    name = PurePosixPath(str(model_id).replace("\\", "/").rstrip("/")).name or str(model_id)
+    name = re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("_")
+    return name or "head"
 
 
 def check_heads(heads: Sequence[Head], num_labels: int | None = None) -> list[str]:
@@ -70,7 +85,7 @@ def check_heads(heads: Sequence[Head], num_labels: int | None = None) -> list[st
         seen.add(head.name)
         if not head.labels:
             problems.append(f"{where}: has no labels")
-        dupes = sorted({lab for lab in head.labels if head.labels.count(lab) > 1})
+        dupes = duplicates(head.labels)
         if dupes:
             problems.append(f"{where}: duplicate label names {dupes}")
         for lab in head.labels:

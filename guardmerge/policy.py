@@ -30,16 +30,16 @@ reaches a threshold. The verdict is the most severe action of any finding.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ._validate import Checker, load_yaml, parse_yaml
-from .exceptions import PolicyError
+from .exceptions import ConfigError, PolicyError
 from .labels import Head
 from .verdict import Action, Finding, Verdict
 
-__all__ = ["Policy", "Rule", "DirectionRules", "ROLES", "load_policy"]
+__all__ = ["Policy", "Rule", "DirectionRules", "ROLES"]
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 DIRECTIONS = ("input", "output")
@@ -94,12 +94,12 @@ class Policy:
     description: str | None = None
     source: str = "<policy>"
     version: int = 1
-    _raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], heads: Sequence[Head] | None = None) -> "Policy":
+        """Load and validate a YAML policy; with ``heads``, also check every head and label."""
         data = load_yaml(path, PolicyError)
         return cls.from_dict(data, source=str(path), heads=heads)
 
@@ -150,16 +150,20 @@ class Policy:
         c.raise_if_any(PolicyError)
         return cls(name=name, description=desc, input=sections["input"], output=sections["output"],
                    default_action=default_action, on_error=on_error, on_too_long=on_too_long,
-                   max_tokens=max_tokens, refusal_message=refusal, source=source,
-                   version=1, _raw=top)
+                   max_tokens=max_tokens, refusal_message=refusal, source=source, version=1)
 
     def bind(self, heads: Sequence[Head]) -> "Policy":
-        """Check that every rule's head and labels exist in ``heads``; raise PolicyError if not."""
-        return Policy.from_dict(dict(self._raw), source=self.source, heads=heads)
+        """Check that every rule's head and labels exist in ``heads`` (a PolicyError listing
+        every problem if not) and return the policy. Works for a policy built with the
+        constructor as for a loaded one."""
+        c = Checker(self.source)
+        _check_heads(c, {"input": self.input, "output": self.output}, heads)
+        c.raise_if_any(PolicyError)
+        return self
 
     def rules(self, direction: str) -> DirectionRules:
         if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be 'input' or 'output', got {direction!r}")
+            raise ConfigError(f"direction must be 'input' or 'output', got {direction!r}")
         return self.input if direction == "input" else self.output
 
     # -- evaluation --------------------------------------------------------------------------
@@ -306,7 +310,3 @@ def _check_heads(c: Checker, sections: Mapping[str, DirectionRules], heads: Sequ
                     c.add(f"{path}.labels", f"head {rule.head!r} has no label {label!r} "
                           f"(its labels: {', '.join(head.labels)})")
 
-
-def load_policy(path: str | os.PathLike[str], heads: Sequence[Head] | None = None) -> Policy:
-    """Load and validate a YAML policy; with ``heads``, also check every head and label exists."""
-    return Policy.load(path, heads=heads)

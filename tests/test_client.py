@@ -10,7 +10,7 @@ import pytest
 
 from guardmerge import (FunctionClassifier, Guard, Policy, PromptBlockedError,
                         ResponseBlockedError)
-from guardmerge.client import guard_client
+from guardmerge import guard_client
 from guardmerge.testing import OpenAICompatServer, echo_reply
 
 HEADS = {"jailbreak": ["benign", "jailbreak"], "toxicity": ["normal", "offensive", "hateful"]}
@@ -265,23 +265,26 @@ output: {rules: [{head: jailbreak, labels: [jailbreak], block: 0.9}]}
 
 
 def test_tool_call_arguments_are_checked_when_the_policy_asks(guard):
-    from guardmerge.client import _Core
+    import httpx
 
-    response = {"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
-        "role": "assistant", "content": None,
-        "tool_calls": [{"id": "c1", "type": "function",
-                        "function": {"name": "run", "arguments": "{\"cmd\": \"xyzzy\"}"}}]}}]}
-    off = _Core(guard, on_block="refuse", on_flag=None, check_output=True, stream_mode="hold",
-                window_chars=100, overlap_chars=10, sdk_types=False)
-    assert guard.check(off.output_items(response), "output").passed  # not asked: not scored
+    from guardmerge import ChatClient
+
+    body = {"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": None,
+                "tool_calls": [{"id": "c1", "type": "function",
+                                "function": {"name": "run", "arguments": "{\"cmd\": \"xyzzy\"}"}}]}}]}
+    upstream = lambda: ChatClient("http://upstream.invalid/v1", transport=httpx.MockTransport(  # noqa: E731
+        lambda request: httpx.Response(200, json=body)))
+    off = guard_client(upstream(), guard, on_block="refuse")
+    r = off.chat.completions.create(model="m", messages=user("run something"))
+    assert r["choices"][0]["finish_reason"] == "tool_calls"  # not asked: arguments not scored
     policy = Policy.from_yaml(POLICY.replace("output:\n", "output:\n  check_tool_calls: true\n"))
-    strict = Guard(FunctionClassifier(HEADS, score), policy)
-    on = _Core(strict, on_block="refuse", on_flag=None, check_output=True, stream_mode="hold",
-               window_chars=100, overlap_chars=10, sdk_types=False)
-    items = on.output_items(response)
-    assert items == [{"role": "assistant", "content": 'run({"cmd": "xyzzy"})'}]
-    verdict = strict.check(items, "output")
-    assert verdict.blocked
-    refused = on.output_outcome(response, verdict)
+    seen = []
+    on = guard_client(upstream(), Guard(FunctionClassifier(HEADS, score), policy),
+                      on_block="refuse", on_verdict=seen.append)
+    refused = on.chat.completions.create(model="m", messages=user("run something"))
     assert refused["choices"][0]["finish_reason"] == "content_filter"
     assert refused["choices"][0]["message"]["content"] == "Refused by policy."
+    assert [v.direction for v in seen] == ["input", "output"] and seen[1].blocked
+    assert seen[1].findings[0].head == "jailbreak"

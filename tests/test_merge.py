@@ -12,9 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from guardmerge import BundleClassifier, MergeError, ModelLoadError, RecipeError, inspect_bundle
+from guardmerge import BundleClassifier, ConfigError, MergeError, ModelLoadError, RecipeError, inspect_bundle
 from guardmerge.cli import main
 from guardmerge.merge import MergeRecipe, merge, plan_merge
+from guardmerge.merge.write import BlockMerger
 from guardmerge.testing import build_base_folder, build_classifier_folder, build_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -135,9 +136,10 @@ def test_same_recipe_and_seed_give_byte_identical_weights(sources, tmp_path):
 
 def test_dare_randomness_does_not_depend_on_tensor_order(sources):
     plan = plan_merge(_recipe(sources, method="dare_ties", parameters={"density": 0.3}))
+    merger = BlockMerger(plan)
     try:
-        forward = {n: plan.merged_tensor(n) for n in plan.names}
-        backward = {n: plan.merged_tensor(n) for n in reversed(plan.names)}
+        forward = {n: merger.tensor(n) for n in plan.names}
+        backward = {n: merger.tensor(n) for n in reversed(plan.names)}
     finally:
         plan.close()
     for n in plan.names:
@@ -285,10 +287,8 @@ def test_pickle_only_source_is_refused(sources, tmp_path):
 
 
 def test_interrupted_merge_leaves_nothing_behind(sources, tmp_path, monkeypatch):
-    from guardmerge.merge import run
-
     calls = {"n": 0}
-    real = run.MergePlan.merged_blocks
+    real = BlockMerger.blocks
 
     def flaky(self, name):
         calls["n"] += 1
@@ -296,7 +296,7 @@ def test_interrupted_merge_leaves_nothing_behind(sources, tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return real(self, name)
 
-    monkeypatch.setattr(run.MergePlan, "merged_blocks", flaky)
+    monkeypatch.setattr(BlockMerger, "blocks", flaky)
     with pytest.raises(KeyboardInterrupt):
         merge(_recipe(sources), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -304,8 +304,11 @@ def test_interrupted_merge_leaves_nothing_behind(sources, tmp_path, monkeypatch)
 
 def test_existing_output_needs_overwrite(sources, tmp_path):
     out = merge(_recipe(sources), tmp_path / "out")
-    with pytest.raises(MergeError, match="already exists"):
+    with pytest.raises(ConfigError, match="already exists"):
         merge(_recipe(sources), out)
+    recipe = tmp_path.parent / f"{tmp_path.name}-recipe.yaml"
+    recipe.write_text(json.dumps(_recipe(sources)))
+    assert main(["merge", str(recipe), "-o", str(out)]) == 2  # a usage error, like README says
     merge(_recipe(sources, method="linear"), out, overwrite=True)
     assert json.loads((out / "guardmerge.json").read_text())["recipe"]["method"] == "linear"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -363,11 +366,12 @@ def test_streamed_blocks_stay_valid_while_later_blocks_are_read(sources, method)
     """The writer queues blocks and writes them later: a yielded block must never be a read
     buffer that the next block overwrites (task_arithmetic once yielded one)."""
     plan = plan_merge(_recipe(sources, method=method))
+    merger = BlockMerger(plan)
     try:
-        expected = {name: plan.merged_tensor(name).reshape(-1) for name in plan.names}
+        expected = {name: merger.tensor(name).reshape(-1) for name in plan.names}
         held: dict[str, list[torch.Tensor]] = {}
         for name in plan.names:  # keep every block, as the writer's queue does, unconsumed
-            held[name] = list(plan.merged_blocks(name))
+            held[name] = list(merger.blocks(name))
         for name in plan.names:
             assert torch.equal(torch.cat(held[name]), expected[name]), name
     finally:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from guardmerge import (Action, FunctionClassifier, Guard, Policy, PolicyError, inspect_bundle,
-                        load_policy)
+from guardmerge import Action, FunctionClassifier, Guard, Policy, PolicyError, inspect_bundle
 from guardmerge.testing import TRIGGER, random_text
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
@@ -17,13 +16,13 @@ HEADS = {"jailbreak": ["benign", "jailbreak"], "toxicity": ["normal", "offensive
 
 @pytest.mark.parametrize("name", ["default.yaml", "strict.yaml", "monitor.yaml"])
 def test_shipped_policies_validate_and_bind(name, random_bundle):
-    policy = load_policy(POLICIES / name, heads=inspect_bundle(random_bundle).heads)
+    policy = Policy.load(POLICIES / name, heads=inspect_bundle(random_bundle).heads)
     assert policy.input.rules
     assert policy.on_error in (Action.BLOCK, Action.FLAG)
 
 
 def test_monitor_policy_never_blocks():
-    policy = load_policy(POLICIES / "monitor.yaml")
+    policy = Policy.load(POLICIES / "monitor.yaml")
     rules = policy.input.rules + policy.output.rules
     assert all(r.block is None for r in rules)
     assert policy.on_error is Action.FLAG and policy.on_too_long is Action.FLAG
@@ -60,7 +59,7 @@ output:
       labels: [offensive]
 """)
     with pytest.raises(PolicyError) as err:
-        load_policy(path)
+        Policy.load(path)
     problems = err.value.problems
     expected = [
         "colour: unknown key",
@@ -89,7 +88,7 @@ input:
 """)
     heads = FunctionClassifier(HEADS, lambda t: {}).heads
     with pytest.raises(PolicyError) as err:
-        load_policy(path, heads=heads)
+        Policy.load(path, heads=heads)
     text = str(err.value)
     assert f"{path}: input.rules[0].labels: head 'jailbreak' has no label 'evil'" in text
     assert f"{path}: input.rules[1].head: unknown head 'spam'" in text
@@ -100,12 +99,12 @@ def test_yaml_syntax_error_names_line(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("input:\n  rules: [\n    {head: a\n")
     with pytest.raises(PolicyError, match=r"broken\.yaml: invalid YAML \(line \d+"):
-        load_policy(path)
+        Policy.load(path)
 
 
 def test_missing_file():
     with pytest.raises(PolicyError, match="no such file"):
-        load_policy("nope/never.yaml")
+        Policy.load("nope/never.yaml")
 
 
 def test_rule_role_outside_section_roles():
@@ -130,7 +129,7 @@ def _scores(jb: float = 0.0, hateful: float = 0.0):
 
 
 def test_thresholds_give_pass_flag_block():
-    guard = Guard(_scores(), load_policy(POLICIES / "default.yaml"))
+    guard = Guard(_scores(), Policy.load(POLICIES / "default.yaml"))
     assert guard.check_text("hello").action is Action.PASS
     v = guard.check_text("MID please")
     assert v.action is Action.FLAG
@@ -142,12 +141,12 @@ def test_thresholds_give_pass_flag_block():
 def test_boundary_score_equal_to_threshold_fires():
     clf = FunctionClassifier(HEADS, lambda t: {"jailbreak": {"jailbreak": 0.9},
                                                "toxicity": {"normal": 1.0}})
-    guard = Guard(clf, load_policy(POLICIES / "default.yaml"))
+    guard = Guard(clf, Policy.load(POLICIES / "default.yaml"))
     assert guard.check_text("x").blocked
 
 
 def test_roles_decide_which_messages_are_checked():
-    guard = Guard(_scores(), load_policy(POLICIES / "default.yaml"))
+    guard = Guard(_scores(), Policy.load(POLICIES / "default.yaml"))
     messages = [
         {"role": "system", "content": "JB system prompt text"},     # not in input.roles
         {"role": "user", "content": "hello"},
@@ -158,14 +157,14 @@ def test_roles_decide_which_messages_are_checked():
     v = guard.check(messages)
     assert v.action is Action.FLAG
     assert [(f.message_index, f.role) for f in v.findings] == [(3, "tool")]
-    strict = Guard(_scores(), load_policy(POLICIES / "strict.yaml"))
+    strict = Guard(_scores(), Policy.load(POLICIES / "strict.yaml"))
     v = strict.check(messages)
     assert v.blocked
     assert {f.message_index for f in v.findings if f.action is Action.BLOCK} == {0, 2, 3}
 
 
 def test_output_direction_uses_output_rules():
-    guard = Guard(_scores(), load_policy(POLICIES / "default.yaml"))
+    guard = Guard(_scores(), Policy.load(POLICIES / "default.yaml"))
     assert guard.check_text("MID", direction="output").passed   # no jailbreak rule on output
     v = guard.check(["fine", "HATE"], direction="output")
     assert v.blocked and v.findings[0].message_index == 1 and v.findings[0].role == "assistant"
@@ -182,9 +181,9 @@ def test_guard_failure_fails_closed_unless_policy_says_otherwise():
         raise RuntimeError("model exploded")
 
     clf = FunctionClassifier(HEADS, boom)
-    v = Guard(clf, load_policy(POLICIES / "default.yaml")).check_text("hello")
+    v = Guard(clf, Policy.load(POLICIES / "default.yaml")).check_text("hello")
     assert v.blocked and v.findings[0].kind == "error" and "model exploded" in v.findings[0].detail
-    v = Guard(clf, load_policy(POLICIES / "monitor.yaml")).check_text("hello")
+    v = Guard(clf, Policy.load(POLICIES / "monitor.yaml")).check_text("hello")
     assert v.action is Action.FLAG
 
 
@@ -210,7 +209,7 @@ def test_guard_finds_buried_trigger_with_span(trigger_classifier):
 
 
 def test_verdict_is_an_object_that_serialises_to_json():
-    guard = Guard(_scores(), load_policy(POLICIES / "default.yaml"), include_scores=True)
+    guard = Guard(_scores(), Policy.load(POLICIES / "default.yaml"), include_scores=True)
     v = guard.check([{"role": "user", "content": "JB and HATE"}])
     data = json.loads(v.to_json())
     assert data["action"] == "block" and data["direction"] == "input" and data["policy"] == "default"
@@ -224,4 +223,4 @@ def test_verdict_is_an_object_that_serialises_to_json():
 def test_guard_binds_policy_to_classifier_heads():
     clf = FunctionClassifier({"spam": ["ham", "spam"]}, lambda t: {})
     with pytest.raises(PolicyError, match="unknown head 'jailbreak'"):
-        Guard(clf, load_policy(POLICIES / "default.yaml"))
+        Guard(clf, Policy.load(POLICIES / "default.yaml"))

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from guardmerge import BundleClassifier
-from guardmerge.evaluate import Example, evaluate
-from guardmerge.merge import MergeRecipe
-from guardmerge.search import SearchSpec, TrialContext, read_results, run_search, trial_densities
+from guardmerge.merge import (Example, MergeRecipe, SearchOptions, evaluate, read_results,
+                              run_search)
+from guardmerge.merge.search import TrialContext, trial_densities
 from guardmerge.testing import TRIGGER, build_tokenizer, build_trigger_model, random_text, save_model_folder
 
 
@@ -60,12 +60,12 @@ def case(tmp_path_factory):
 
 
 def test_densities_depend_only_on_seed_and_trial():
-    spec = SearchSpec(trials=5, seed=3, beta=(2, 5))
+    spec = SearchOptions(trials=5, seed=3, beta=(2, 5))
     assert trial_densities(spec, 2, 2) == trial_densities(spec, 2, 2)
     assert trial_densities(spec, 2, 2) != trial_densities(spec, 3, 2)
-    shared, _ = trial_densities(SearchSpec(seed=3, shared_density=True), 1, 3)
+    shared, _ = trial_densities(SearchOptions(seed=3, shared_density=True), 1, 3)
     assert len(set(shared)) == 1
-    d, _ = trial_densities(SearchSpec(seed=1, beta=(0.05, 50)), 0, 4)
+    d, _ = trial_densities(SearchOptions(seed=1, beta=(0.05, 50)), 0, 4)
     assert all(0.01 <= x <= 1.0 for x in d)
 
 
@@ -74,7 +74,7 @@ def test_search_finds_the_better_low_density(case, tmp_path):
     ctx.load("ties", [1.0], 0)
     full = ctx.evaluate().heads["jailbreak"].macro_f1
     assert full < 0.8  # keeping the whole noisy task vector hurts
-    spec = SearchSpec(trials=6, seed=1, beta=(2.0, 8.0))
+    spec = SearchOptions(trials=6, seed=1, beta=(2.0, 8.0))
     summary = run_search(case["recipe"], [case["data"]], tmp_path / "s", spec, dtype="float32")
     best = summary["best"]
     assert best["score"] == 1.0 and best["densities"][0] < 0.5
@@ -83,7 +83,7 @@ def test_search_finds_the_better_low_density(case, tmp_path):
     assert evaluate(clf, case["examples"]).heads["jailbreak"].macro_f1 == best["score"]
     report = Path(summary["report"]).read_text()
     assert "Original vs best merge" in report and "self-merge" in report
-    from guardmerge.report import have_matplotlib
+    from guardmerge.merge.report import have_matplotlib
 
     if have_matplotlib():
         for png in ("density_vs_f1.png", "f1_original_vs_merged.png", "confusion_jailbreak.png"):
@@ -94,11 +94,11 @@ def test_search_finds_the_better_low_density(case, tmp_path):
 
 
 def test_resume_after_interruption(case, tmp_path):
-    spec = SearchSpec(trials=4, seed=2)
+    spec = SearchOptions(trials=4, seed=2)
     out = tmp_path / "s"
     full = run_search(case["recipe"], [case["data"]], tmp_path / "full", spec, dtype="float32",
                       save_best=False, compare_sources=False, report=False)
-    run_search(case["recipe"], [case["data"]], out, SearchSpec(trials=2, seed=2), dtype="float32",
+    run_search(case["recipe"], [case["data"]], out, SearchOptions(trials=2, seed=2), dtype="float32",
                save_best=False, compare_sources=False, report=False)
     with pytest.raises(Exception, match="different search"):  # spec differs: refused
         run_search(case["recipe"], [case["data"]], out, spec, dtype="float32", resume=True,
@@ -118,7 +118,7 @@ def test_resume_after_interruption(case, tmp_path):
 
 
 def test_worker_count_does_not_change_results(case, tmp_path):
-    spec = SearchSpec(trials=4, seed=5)
+    spec = SearchOptions(trials=4, seed=5)
     one = run_search(case["recipe"], [case["data"]], tmp_path / "w1", spec, dtype="float32",
                      save_best=False, compare_sources=False, report=False)
     two = run_search(case["recipe"], [case["data"]], tmp_path / "w2", spec, dtype="float32",
@@ -145,10 +145,10 @@ def test_cli_search(case, tmp_path, capsys):
 
 
 def test_report_without_matplotlib_still_has_the_numbers(case, tmp_path, monkeypatch):
-    import guardmerge.report as report
+    import guardmerge.merge.report as report
 
     monkeypatch.setattr(report, "have_matplotlib", lambda: False)
-    summary = run_search(case["recipe"], [case["data"]], tmp_path / "s", SearchSpec(trials=2, seed=0),
+    summary = run_search(case["recipe"], [case["data"]], tmp_path / "s", SearchOptions(trials=2, seed=0),
                          dtype="float32", save_best=False)
     text = Path(summary["report"]).read_text()
     assert "Plots skipped" in text and "| trial | score |" in text and "original F1" in text
@@ -156,8 +156,8 @@ def test_report_without_matplotlib_still_has_the_numbers(case, tmp_path, monkeyp
 
 
 def test_screen_subset_is_stratified_exact_and_seeded():
-    from guardmerge.exceptions import ConfigError
-    from guardmerge.search import screen_subset
+    from guardmerge import ConfigError
+    from guardmerge.merge.search import screen_subset
 
     examples = ([Example(f"j{i}", "jb", "jailbreak") for i in range(30)]
                 + [Example(f"b{i}", "jb", "benign") for i in range(60)]
@@ -174,11 +174,11 @@ def test_screen_subset_is_stratified_exact_and_seeded():
     with pytest.raises(ConfigError, match="smaller than the 100"):
         screen_subset(examples, 100, seed=0)
     with pytest.raises(ConfigError, match="finalists .3. needs screen > 0"):
-        SearchSpec(trials=8, finalists=3)
+        SearchOptions(trials=8, finalists=3)
 
 
 def test_screened_search_sends_the_best_screening_scores_to_all_examples(case, tmp_path):
-    spec = SearchSpec(trials=8, seed=1, beta=(2.0, 8.0), screen=12, finalists=3)
+    spec = SearchOptions(trials=8, seed=1, beta=(2.0, 8.0), screen=12, finalists=3)
     summary = run_search(case["recipe"], [case["data"]], tmp_path / "s", spec, dtype="float32")
     _, rows = read_results(summary["results"])
     screen = [r for r in rows if r.stage == "screen"]
@@ -190,7 +190,7 @@ def test_screened_search_sends_the_best_screening_scores_to_all_examples(case, t
     assert all(r.report["heads"]["jailbreak"]["n"] == 40 for r in full)
     # a finalist's score on all examples is what an unscreened search gives that trial
     plain = run_search(case["recipe"], [case["data"]], tmp_path / "plain",
-                       SearchSpec(trials=8, seed=1, beta=(2.0, 8.0)), dtype="float32",
+                       SearchOptions(trials=8, seed=1, beta=(2.0, 8.0)), dtype="float32",
                        save_best=False, compare_sources=False, report=False)
     _, plain_rows = read_results(plain["results"])
     by_trial = {r.trial: r.score for r in plain_rows}
@@ -203,7 +203,7 @@ def test_screened_search_sends_the_best_screening_scores_to_all_examples(case, t
 
 
 def test_screened_search_resumes_and_ignores_the_worker_count(case, tmp_path):
-    spec = SearchSpec(trials=6, seed=2, screen=10, finalists=2)
+    spec = SearchOptions(trials=6, seed=2, screen=10, finalists=2)
     kw = dict(dtype="float32", save_best=False, compare_sources=False, report=False)
     ref = run_search(case["recipe"], [case["data"]], tmp_path / "ref", spec, **kw)
     lines = (tmp_path / "ref" / "trials.jsonl").read_text().splitlines()
@@ -221,31 +221,36 @@ def test_screened_search_resumes_and_ignores_the_worker_count(case, tmp_path):
     assert two["best"] == ref["best"] and two["screen"] == ref["screen"]
 
 
-def test_screened_search_progress_shows_the_best_score_so_far(case, tmp_path, capsys):
-    spec = SearchSpec(trials=8, seed=1, beta=(2.0, 8.0), screen=12, finalists=3)
+def test_screened_search_progress_shows_the_best_score_so_far(case, tmp_path, monkeypatch):
+    import io
+    import re
+    import sys
+
+    class Terminal(io.StringIO):  # progress bars draw only on a terminal
+        def isatty(self) -> bool:
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    spec = SearchOptions(trials=8, seed=1, beta=(2.0, 8.0), screen=12, finalists=3)
     summary = run_search(case["recipe"], [case["data"]], tmp_path / "s", spec, dtype="float32",
                          save_best=False, compare_sources=False, report=False, progress=True)
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("search [")]
     _, rows = read_results(summary["results"])
     by_done = {}
-    for ln in lines:  # "search [###---] 5/11 00:01 eta 00:02 <note>"
-        done = int(ln.split("] ")[1].split("/")[0])
-        by_done[done] = ln
-    assert 11 in by_done and f"best {summary['best']['score']:.4f} (trial " \
-        f"{summary['best']['trial']})" in by_done[11]
-    for done, ln in by_done.items():
-        if 0 < done <= 8:  # still screening: the best screening score among the first `done`
-            top = max(rows[:done], key=lambda r: (r.score, -r.trial))
-            assert f"screening, best {top.score:.4f} (trial {top.trial})" in ln
+    for frame in re.split(r"[\r\n]", err.getvalue()):  # "search: 45%|###| 5/11 [00:01, <note>]"
+        m = re.search(r"search: .*\| (\d+)/11 \[[^,\]]*, (.*)\]", frame)
+        if m:
+            by_done[int(m.group(1))] = m.group(2)
+    assert set(by_done) == set(range(1, 12))
+    assert by_done[11].startswith(f"best {summary['best']['score']:.4f} (trial "
+                                  f"{summary['best']['trial']})")
+    for done in range(1, 9):  # still screening: the best screening score among the first `done`
+        top = max(rows[:done], key=lambda r: (r.score, -r.trial))
+        assert by_done[done].startswith(f"screening, best {top.score:.4f} (trial {top.trial})")
+        assert re.search(r", eta (\d+:)?\d\d:\d\d$", by_done[done]), by_done[done]
 
 
-def test_progress_eta_can_be_given():
-    import io
-
-    from guardmerge._progress import Progress
-
-    out = io.StringIO()
-    with Progress(10, "x", stream=out) as bar:
-        bar.update(1)
-        bar.update(1, eta=125.0)
-    assert "2/10" in out.getvalue().splitlines()[-1] and "eta 02:05" in out.getvalue()
+def test_progress_bars_are_silent_when_stderr_is_not_a_terminal(case, tmp_path, capsys):
+    run_search(case["recipe"], [case["data"]], tmp_path / "s", SearchOptions(trials=2, seed=0),
+               dtype="float32", save_best=False, compare_sources=False, report=False)
+    assert capsys.readouterr().err == ""

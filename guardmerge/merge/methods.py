@@ -22,44 +22,59 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Callable, Sequence
 
 import torch
 
+from ..exceptions import ConfigError
 from .sparsify import CHUNK, _check_density, dare_generator, dare_keep, topk_mask
 
-__all__ = ["METHODS", "Method", "merge_tensor", "merge_task_vectors", "elect_and_mean", "merge_block",
-           "block_keeps", "linear_block", "magnitude_masks"]
+__all__ = ["METHODS", "Method", "Sparsify", "get_method", "merge_tensor", "merge_task_vectors",
+           "merge_block", "block_keeps", "linear_block", "magnitude_masks"]
 
 
-@dataclass(frozen=True)
+class Sparsify(str, Enum):
+    """How a method sparsifies each task vector before combining them."""
+
+    NONE = "none"            # every entry kept
+    MAGNITUDE = "magnitude"  # TIES' trim: the top-k magnitudes of each tensor
+    DARE = "dare"            # DARE: random drop with probability 1 - density, kept ones rescaled
+
+
+@dataclass(frozen=True, kw_only=True)
 class Method:
+    """One configuration of the generalised task-arithmetic routine."""
+
     name: str
-    sparsify: str | None       # None | "magnitude" | "dare"
-    sign_election: bool
-    uses_base: bool
+    sparsify: Sparsify
+    sign_election: bool    # TIES' elected sign and disjoint mean (else a plain weighted sum)
+    uses_base: bool        # task vectors against the base (False: a weighted mean of sources)
     paper: str
 
 
-METHODS: dict[str, Method] = {
-    "linear": Method("linear", None, False, False, "https://arxiv.org/abs/2203.05482"),
-    "task_arithmetic": Method("task_arithmetic", None, False, True, "https://arxiv.org/abs/2212.04089"),
-    "ties": Method("ties", "magnitude", True, True, "https://arxiv.org/abs/2306.01708"),
-    "dare_ties": Method("dare_ties", "dare", True, True, "https://arxiv.org/abs/2311.03099"),
-    "dare_linear": Method("dare_linear", "dare", False, True, "https://arxiv.org/abs/2311.03099"),
-}
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method(name="linear", sparsify=Sparsify.NONE, sign_election=False, uses_base=False,
+           paper="https://arxiv.org/abs/2203.05482"),
+    Method(name="task_arithmetic", sparsify=Sparsify.NONE, sign_election=False, uses_base=True,
+           paper="https://arxiv.org/abs/2212.04089"),
+    Method(name="ties", sparsify=Sparsify.MAGNITUDE, sign_election=True, uses_base=True,
+           paper="https://arxiv.org/abs/2306.01708"),
+    Method(name="dare_ties", sparsify=Sparsify.DARE, sign_election=True, uses_base=True,
+           paper="https://arxiv.org/abs/2311.03099"),
+    Method(name="dare_linear", sparsify=Sparsify.DARE, sign_election=False, uses_base=True,
+           paper="https://arxiv.org/abs/2311.03099"),
+)}
 
 
-def elect_and_mean(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """TIES sign election + disjoint weighted mean of (sparsified) task vectors (new tensor).
-
-    ``s = sign(sum w_i t_i)`` with 0 counted as +; entries whose sign equals ``s`` are kept;
-    result ``sum(w_i m_i t_i) / sum(w_i m_i)``, 0 where nothing is kept. Zero entries never
-    count (their sign is 0). The inputs are not modified.
-    """
-    owned = [d.to(torch.float32, copy=True) for d in deltas]
-    zero = torch.zeros_like(owned[0])
-    return _combine(owned, [1.0] * len(owned), weights, True, 1.0, zero, torch.empty_like(zero))
+def get_method(method: "str | Method") -> Method:
+    """A ``Method`` from its name (or the method itself); a ConfigError for an unknown name."""
+    if isinstance(method, Method):
+        return method
+    try:
+        return METHODS[method]
+    except KeyError:
+        raise ConfigError(f"unknown merge method {method!r} (known: {', '.join(METHODS)})") from None
 
 
 _SCRATCH = threading.local()
@@ -109,17 +124,17 @@ def _combine(deltas: Sequence[torch.Tensor], scales: Sequence[float], weights: S
     return torch.add(base, out, alpha=lam, out=out)
 
 
-def _check(method: str, n: int, weights: Sequence[float], densities: Sequence[float]) -> Method:
-    if method not in METHODS:
-        raise ValueError(f"unknown merge method {method!r} (known: {', '.join(METHODS)})")
+def _check(method: "str | Method", n: int, weights: Sequence[float],
+           densities: Sequence[float]) -> Method:
+    m = get_method(method)
     if n == 0 or len(weights) != n or len(densities) != n:
         raise ValueError("need one weight and one density per source (and at least one source)")
     for p in densities:
         _check_density(p)
-    return METHODS[method]
+    return m
 
 
-def merge_task_vectors(method: str, base: torch.Tensor, deltas: Sequence[torch.Tensor],
+def merge_task_vectors(method: "str | Method", base: torch.Tensor, deltas: Sequence[torch.Tensor],
                        weights: Sequence[float], densities: Sequence[float], *, lam: float = 1.0,
                        seed: int = 0, name: str = "") -> torch.Tensor:
     """``B + lambda * merge(d_i)`` for precomputed task vectors (float32 result, inputs untouched).
@@ -132,15 +147,15 @@ def merge_task_vectors(method: str, base: torch.Tensor, deltas: Sequence[torch.T
     return _merge_flat(m, base, deltas, weights, densities, lam, seed, name, are_deltas=True)
 
 
-def merge_tensor(method: str, base: torch.Tensor | None, sources: Sequence[torch.Tensor],
+def merge_tensor(method: "str | Method", base: torch.Tensor | None, sources: Sequence[torch.Tensor],
                  weights: Sequence[float], densities: Sequence[float], *, lam: float = 1.0,
                  seed: int = 0, name: str = "") -> torch.Tensor:
     """Merge one tensor (float32 maths and result). ``base`` may be None only for ``linear``."""
     m = _check(method, len(sources), weights, densities)
-    if method == "linear":
+    if not m.uses_base:
         return linear_block(sources, weights)
     if base is None:
-        raise ValueError(f"{method} needs a base tensor")
+        raise ValueError(f"{m.name} needs a base tensor")
     return _merge_flat(m, base, sources, weights, densities, lam, seed, name, are_deltas=False)
 
 
@@ -158,7 +173,7 @@ def merge_block(m: Method, base: torch.Tensor, deltas: list[torch.Tensor], weigh
     for d, keep in zip(deltas, keeps or [None] * len(deltas)):
         if keep is not None:
             d.mul_(keep)
-    scales = [1.0 / p if m.sparsify == "dare" and p < 1.0 else 1.0 for p in densities]
+    scales = [1.0 / p if m.sparsify is Sparsify.DARE and p < 1.0 else 1.0 for p in densities]
     if out is None:
         out = torch.empty_like(base, dtype=torch.float32)
     return _combine(deltas, scales, weights, m.sign_election, lam, base, out)
@@ -178,7 +193,7 @@ def block_keeps(m: Method, densities: Sequence[float], generators: Sequence[Any]
         buf = buffers[i] if buffers is not None else None
         if mask is not None:
             keeps.append(mask[start:start + count].view(torch.uint8).float())
-        elif m.sparsify == "dare" and p < 1.0:
+        elif m.sparsify is Sparsify.DARE and p < 1.0:
             keeps.append(dare_keep(generators[i], count, p, buf))
         else:
             keeps.append(None)
@@ -199,7 +214,7 @@ def linear_block(sources: Sequence[torch.Tensor], weights: Sequence[float]) -> t
 def magnitude_masks(m: Method, n: int, densities: Sequence[float],
                     magnitudes: Callable[[int], torch.Tensor]) -> list[torch.Tensor | None]:
     """TIES: per source, the flat mask of its top-k task-vector magnitudes (None at density 1)."""
-    if m.sparsify != "magnitude":
+    if m.sparsify is not Sparsify.MAGNITUDE:
         return [None] * len(densities)
     out: list[torch.Tensor | None] = []
     for i, p in enumerate(densities):
@@ -220,7 +235,8 @@ def _merge_flat(m: Method, base: torch.Tensor, inputs: Sequence[torch.Tensor],
     # .abs() (not .abs_()): for float32 task vectors .float() is the caller's own tensor
     masks = magnitude_masks(m, n, densities, lambda i: (
         xs[i].float().abs() if are_deltas else (xs[i].float() - b.float()).abs_()))
-    gens = [dare_generator(seed, name, i) for i in range(len(xs))] if m.sparsify == "dare" else []
+    gens = [dare_generator(seed, name, i) for i in range(len(xs))] \
+        if m.sparsify is Sparsify.DARE else []
     out = torch.empty(n, dtype=torch.float32)
     for start in range(0, n, CHUNK):
         stop = min(start + CHUNK, n)

@@ -21,23 +21,30 @@ alone, e.g. DARE at a low density.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
 from typing import Any, Mapping, Sequence
 
 from .._validate import Checker, load_yaml, parse_yaml
 from ..exceptions import RecipeError
+from ..labels import HEAD_NAME, duplicates
 from .methods import METHODS
 
-__all__ = ["MergeRecipe", "ModelSpec", "load_recipe", "HEAD_MODES", "OUTPUT_DTYPES"]
+__all__ = ["MergeRecipe", "ModelSpec", "HeadMode", "load_recipe", "OUTPUT_DTYPES"]
 
-HEAD_MODES = ("merge", "owner")
+
+class HeadMode(str, Enum):
+    """What happens to the HM3-padded output layers."""
+
+    MERGE = "merge"    # the padded head rows go through the merge method (the paper)
+    OWNER = "owner"    # each head's rows are copied from the model that owns them
+
+
 OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
 _TOP = {"base", "base_revision", "method", "head_mode", "seed", "dtype", "parameters", "models",
         "name"}
 _PARAMS = {"lambda", "weight", "density"}
 _MODEL = {"model", "revision", "head", "labels", "weight", "density"}
-_HEAD_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,7 @@ class MergeRecipe:
     base: str
     models: tuple[ModelSpec, ...]
     method: str = "dare_ties"
-    head_mode: str = "merge"
+    head_mode: HeadMode = HeadMode.MERGE
     seed: int = 0
     dtype: str = "float32"
     lam: float = 1.0
@@ -81,7 +88,7 @@ class MergeRecipe:
             "base": self.base,
             "base_revision": self.base_revision,
             "method": self.method,
-            "head_mode": self.head_mode,
+            "head_mode": self.head_mode.value,
             "seed": self.seed,
             "dtype": self.dtype,
             "parameters": {"lambda": self.lam},
@@ -111,8 +118,8 @@ class MergeRecipe:
         base = c.string(top.get("base"), "base") if "base" in top else None
         method = top.get("method", "dare_ties")
         c.choice(method, "method", list(METHODS))
-        head_mode = top.get("head_mode", "merge")
-        c.choice(head_mode, "head_mode", HEAD_MODES)
+        head_mode = c.choice(top.get("head_mode", "merge"), "head_mode",
+                             [m.value for m in HeadMode])
         dtype = top.get("dtype", "float32")
         c.choice(dtype, "dtype", OUTPUT_DTYPES)
         seed = c.integer(top.get("seed", 0), "seed", lo=0)
@@ -142,7 +149,7 @@ class MergeRecipe:
             model = c.string(m.get("model"), f"{path}.model") if "model" in m else None
             head = m.get("head")
             if head is not None and c.string(head, f"{path}.head") is not None:
-                if not _HEAD_NAME.match(head):
+                if not HEAD_NAME.match(head):
                     c.add(f"{path}.head", f"head name {head!r} may only use letters, digits, "
                           "'_', '-' and '.'")
                 if head in heads_seen:
@@ -153,7 +160,7 @@ class MergeRecipe:
             if m.get("labels") is not None:
                 got = c.string_list(m["labels"], f"{path}.labels", allow_single=False)
                 if got is not None:
-                    dupes = sorted({x for x in got if got.count(x) > 1})
+                    dupes = duplicates(got)
                     if dupes:
                         c.add(f"{path}.labels", f"duplicate labels {dupes}")
                     labels = tuple(got)
@@ -169,7 +176,8 @@ class MergeRecipe:
                                         density=density, revision=revision))
         c.raise_if_any(RecipeError)
         assert base is not None and lam is not None and seed is not None
-        return cls(base=base, models=tuple(models), method=method, head_mode=head_mode,
+        return cls(base=base, models=tuple(models), method=method,
+                   head_mode=HeadMode(head_mode),
                    seed=seed, dtype=dtype, lam=lam, base_revision=base_revision, name=name,
                    source=source)
 

@@ -30,7 +30,7 @@ from typing import Iterable
 
 import yaml
 
-from .exceptions import DataError
+from ..exceptions import DataError
 
 __all__ = ["PACKAGES", "package_dir", "minilm_path", "jailbreak_prompts", "chat_openers",
            "toxicity_prompts", "rotten_tomatoes", "movie_plots", "split_of", "LabelledText"]

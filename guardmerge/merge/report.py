@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .evaluate import EvalReport, comparison_table, render_comparison
+from ..labels import head_name_from_id
+from .evaluation import EvalReport, HeadReport, comparison_table, render_comparison
 
 __all__ = ["write_search_report", "have_matplotlib"]
-
-logger = logging.getLogger("guardmerge.report")
 
 
 def have_matplotlib() -> bool:
@@ -96,16 +94,14 @@ def _plots(out: Path, results: Sequence[Any], best: Any, originals: Mapping[str,
 
 def write_search_report(out: Path, recipe: Any, spec: Any, results: Sequence[Any], best: Any,
                         originals: Mapping[str, EvalReport]) -> Path:
-    model_names = [m.head or Path(m.model).name for m in recipe.models]
+    model_names = [m.head or head_name_from_id(m.model) for m in recipe.models]
     merged = EvalReport(model="best merge")
-    from .evaluate import HeadReport
-
     for head, rep in best.report.get("heads", {}).items():
         merged.heads[head] = HeadReport(**rep)
     final = [r for r in results if r.stage == "full"]
     screened = [r for r in results if r.stage == "screen"]
     lines = ["# guardmerge search report", "",
-             f"- recipe: method `{recipe.method}`, head_mode `{recipe.head_mode}`, "
+             f"- recipe: method `{recipe.method}`, head_mode `{recipe.head_mode.value}`, "
              f"{len(recipe.models)} model(s){' (self-merge)' if recipe.self_merge else ''}",
              f"- trials: {spec.trials}, densities ~ Beta({spec.beta[0]}, {spec.beta[1]})"
              f"{', shared' if spec.shared_density else ', per model'}; objective `{spec.objective}`"]

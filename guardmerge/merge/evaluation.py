@@ -14,12 +14,13 @@ import csv
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .exceptions import DataError
-from .labels import Head
+from ..exceptions import DataError
+from ..labels import Head
 
 __all__ = ["Example", "load_examples", "check_examples", "metrics", "HeadReport", "EvalReport",
            "evaluate", "comparison_table", "render_comparison"]
@@ -205,8 +206,6 @@ def evaluate(classifier: Any, examples: Sequence[Example], *, model: str = "",
     ``rename``: classifier head name -> data head name (for a single-head source model whose
     folder name differs from the bundle's head name).
     """
-    import time
-
     heads = list(classifier.heads)
     if rename:
         heads = [Head(name=rename.get(h.name, h.name), labels=h.labels, offset=h.offset)
@@ -224,7 +223,7 @@ def evaluate(classifier: Any, examples: Sequence[Example], *, model: str = "",
     preds = []
     for e in examples:
         preds.append(predicted_label(scored[position[e.text]].heads[back[e.head]]))
-    report = report_from_predictions(model or getattr(classifier, "fingerprint", ""), examples,
+    report = report_from_predictions(model or getattr(classifier, "name", ""), examples,
                                      preds, heads)
     report.seconds = time.perf_counter() - start
     return report

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
-import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +20,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .._atomic import atomic_directory
+from .._progress import progress as progress_bar
+from ..bundle import save_tokenizer
 from . import datasets as ds
-from ._progress import Progress
 
-__all__ = ["HeadData", "head_datasets", "finetune", "build_guards", "HEAD_LABELS"]
-
-logger = logging.getLogger("guardmerge.build")
+__all__ = ["HeadData", "head_datasets", "finetune", "build_guards", "task_vector_norms",
+           "HEAD_LABELS"]
 
 HEAD_LABELS = {"jailbreak": ["benign", "jailbreak"],
                "toxicity": ["normal", "offensive", "hateful"],
@@ -123,8 +121,6 @@ def finetune(base: Path, train: Sequence[tuple[str, str]], labels: Sequence[str]
     """Fine-tune a sequence classifier from ``base`` (cached by data + settings in build.json)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .testing import save_tokenizer
-
     settings = {"base": str(base), "labels": list(labels), "epochs": epochs, "lr": lr,
                 "batch_size": batch_size, "max_length": max_length, "seed": seed,
                 "data": _key(list(train))}
@@ -150,7 +146,7 @@ def finetune(base: Path, train: Sequence[tuple[str, str]], labels: Sequence[str]
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     losses = []
-    with Progress(steps, desc, enabled=progress) as bar:
+    with progress_bar(steps, desc, enabled=progress, unit="step") as bar:
         for _ in range(epochs):
             order = torch.randperm(n, generator=gen).tolist()
             for b in range(0, n, batch_size):
@@ -167,41 +163,34 @@ def finetune(base: Path, train: Sequence[tuple[str, str]], labels: Sequence[str]
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
-                bar.update(1, note=f"loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+                bar.update(1)
+                bar.set_postfix_str(f"loss {sum(losses[-20:]) / len(losses[-20:]):.3f}",
+                                    refresh=False)
     seconds = time.perf_counter() - start
     model.eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    info = {"key": key, "settings": settings, "seconds": seconds, "train_examples": n,
+            "steps": steps, "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:]))}
+    with atomic_directory(out, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(tok, tmp)
-        info = {"key": key, "settings": settings, "seconds": seconds, "train_examples": n,
-                "steps": steps, "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:]))}
         (tmp / "build.json").write_text(json.dumps(info, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {**info, "cached": False}
 
 
 def task_vector_norms(base: Path, sources: Sequence[Path]) -> list[float]:
     """L2 norm of each source's task vector over the encoder (output layers excluded)."""
-    from .merge.run import MergePlan
-    from .merge.recipe import MergeRecipe
+    from ..merge import plan_merge
 
-    plan = MergePlan(MergeRecipe.from_dict({"base": str(base), "method": "task_arithmetic",
-                                            "models": [{"model": str(s)} for s in sources]}))
+    plan = plan_merge({"base": str(base), "method": "task_arithmetic",
+                       "models": [{"model": str(s)} for s in sources]})
     try:
         totals = [0.0] * len(sources)
         for name in plan.names:
             if name in plan.head_tensors or not plan.specs[name].dtype.is_floating_point:
                 continue
-            b = plan.base_index.get(plan.base_names[name]).float()
-            for i, src in enumerate(plan.sources):
-                totals[i] += float((src.index.get(name).float() - b).pow(2).sum())
+            b = plan.base_tensor(name)
+            for i in range(len(plan.sources)):
+                totals[i] += float((plan.source_tensor(i, name).float() - b).pow(2).sum())
     finally:
         plan.close()
     return [math.sqrt(t) for t in totals]
@@ -215,16 +204,15 @@ def _write_jsonl(path: Path, heads: dict[str, HeadData], split: str) -> Path:
     return path
 
 
-def build_guards(out: str | os.PathLike[str] = ".guardmerge-cache/guards", *, scale: float = 1.0,
+def build_guards(out: str | Path = ".guardmerge-cache/guards", *, scale: float = 1.0,
                  base: Path | None = None, heads: dict[str, HeadData] | None = None,
                  epochs: dict[str, int] | None = None, search_trials: int = 12,
                  progress: bool = True, log: Callable[[str], None] = print,
                  max_length: int = 128) -> dict[str, Any]:
     """The whole pipeline; returns a summary (also written to ``out/summary.json``)."""
-    from .classifier import BundleClassifier
-    from .evaluate import comparison_table, evaluate, load_examples, render_comparison
-    from .merge import merge
-    from .search import SearchSpec, run_search
+    from ..classifier import BundleClassifier
+    from ..merge import (SearchOptions, comparison_table, evaluate, load_examples, merge,
+                         render_comparison, run_search)
 
     out = Path(out)
     summary_path = out / "summary.json"
@@ -246,7 +234,8 @@ def build_guards(out: str | os.PathLike[str] = ".guardmerge-cache/guards", *, sc
     sources = {}
     for name, h in heads.items():
         info = finetune(base, h.train, h.labels, out / "sources" / name, epochs=epochs[name],
-                        progress=progress, desc=f"train {name:<9}", max_length=max_length)
+                        progress=progress, desc=f"train {name:<9}",
+                        max_length=max_length)
         sources[name] = out / "sources" / name
         summary["heads"][name] = {"labels": h.labels, "counts": h.counts(),
                                   "train_seconds": info["seconds"], "cached": info["cached"]}
@@ -283,7 +272,7 @@ def build_guards(out: str | os.PathLike[str] = ".guardmerge-cache/guards", *, sc
     for label, cfg in candidates.items():
         recipe = {"base": str(base), "seed": 0, "models": models, **cfg}
         path = out / "bundles" / label.replace(" ", "_").replace("(", "").replace(")", "")
-        bundles[label] = merge(recipe, path, overwrite=True)
+        bundles[label] = merge(recipe, path, overwrite=True, progress=progress)
         clf = BundleClassifier.from_pretrained(path, dtype="auto")
         val_scores[label] = evaluate(clf, val).mean_macro_f1
         log(f"merged {label:<28} validation mean macro-F1 {val_scores[label]:.4f}")
@@ -295,11 +284,11 @@ def build_guards(out: str | os.PathLike[str] = ".guardmerge-cache/guards", *, sc
                          "parameters": {"lambda": cfg.get("parameters", {}).get("lambda", 1.0)},
                          "models": [{k: v for k, v in m.items() if k != "density"}
                                     for m in cfg.get("models", models)]}
-        spec = SearchSpec(trials=search_trials, seed=0, beta=(2.0, 5.0))
         search_dir = out / "search" / _key(search_recipe)[:12]
-        res = run_search(search_recipe, [files["val"]], search_dir, spec, dtype="auto",
-                         resume=(search_dir / "trials.jsonl").exists(), progress=progress,
-                         compare_sources=False, report=True)
+        options = SearchOptions(trials=search_trials, seed=0, beta=(2.0, 5.0), dtype="auto",
+                                resume=(search_dir / "trials.jsonl").exists(),
+                                progress=progress, compare_sources=False, report=True)
+        res = run_search(search_recipe, [files["val"]], search_dir, options)
         label = f"dare_ties search ({search_trials} trials)"
         bundles[label] = Path(res["best_bundle"])
         val_scores[label] = res["best"]["score"]
@@ -329,9 +318,8 @@ def build_guards(out: str | os.PathLike[str] = ".guardmerge-cache/guards", *, sc
     merged_clf.classify(texts)
     merged_s = time.perf_counter() - t
     final = out / "bundle"
-    if final.exists():
-        shutil.rmtree(final)
-    shutil.copytree(bundles[chosen], final)
+    with atomic_directory(final, overwrite=True) as tmp:
+        shutil.copytree(bundles[chosen], tmp, dirs_exist_ok=True)
     summary.update({"bundle": str(final), "chosen": chosen, "validation": val_scores,
                     "tables": tables, "timing": {"texts": len(texts), "separate_s": separate_s,
                                                  "merged_s": merged_s,

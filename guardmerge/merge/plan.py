@@ -1,69 +1,147 @@
-"""The HM3 merge: check sources, expand heads, merge tensor by tensor, write a bundle atomically.
+"""The merge plan: sources loaded and checked, heads laid out, tensor names mapped to the base.
 
-Memory: tensors are read one name at a time (``safetensors.safe_open``), merged, and streamed to
-the output file before the next name is read, so peak memory is a few copies of the largest
-tensor, whatever the number of models. The bundle is written to a temporary folder beside the
-output and renamed at the end: an interrupted merge leaves no half bundle.
+Everything that can be wrong with a merge is found here, before the first tensor is merged:
+model types, encoder sizes, tokenizer vocabularies, tensor names, shapes and dtypes, the base's
+names (with or without the ``bert.`` prefix), head names and label counts. Each problem is a
+``MergeError`` naming the model and the tensor. Tensors are read on demand, one (block) at a
+time, straight from the safetensors files (``os.preadv`` into reused buffers, no mmap), so a
+plan holds no weights in memory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
-import shutil
-import struct
-import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO, Mapping, Sequence
 
 import torch
 
-from .._progress import Progress
-from .._safetensors import (ST_TO_DTYPE, StreamingWriter, TensorSpec, read_header, read_tensor,
-                            storage_dtype)
-from ..bundle import (_weight_files, config_for_heads, hash_files, inspect_bundle,
-                      output_layer_prefix, resolve_model_dir, write_manifest)
+from .._safetensors import FLOAT_DTYPES, ITEMSIZE, read_header
+from ..bundle import (config_for_heads, hash_files, inspect_bundle, output_layer_prefix,
+                      read_vocab, resolve_model_dir, weight_files)
 from ..exceptions import MergeError, ModelLoadError
-from ..labels import Head
-from .methods import (METHODS, block_keeps, linear_block, magnitude_masks, merge_block,
-                      merge_tensor)
-from .sparsify import CHUNK, dare_generator
+from ..labels import Head, head_name_from_id
+from .heads import expand_rows, merge_head_rows
 from .recipe import MergeRecipe, ModelSpec, load_recipe
 
-__all__ = ["merge", "MergePlan", "plan_merge"]
+__all__ = ["MergePlan", "plan_merge", "TensorIndex", "TensorSpec", "DTYPE_TO_ST", "ST_TO_DTYPE",
+           "storage_dtype", "read_tensor"]
 
 logger = logging.getLogger("guardmerge.merge")
 
 _ENCODER_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                  "vocab_size", "max_position_embeddings", "type_vocab_size", "dim", "n_layers",
                  "n_heads", "hidden_dim")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "spm.model",
-                    "sentencepiece.bpe.model")
 _UNINFORMATIVE = re.compile(r"^(label_?\d+|\d+)$", re.IGNORECASE)
-_OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+DTYPE_TO_ST: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
+
+
+def storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype whose NumPy view holds ``dtype``'s bytes (bf16 -> int16, bool -> uint8)."""
+    return {torch.bfloat16: torch.int16, torch.bool: torch.uint8}.get(dtype, dtype)
+
+
+def _read_at(fh: BinaryIO, offset: int, view: memoryview) -> int:
+    """Fill ``view`` from ``offset`` of the file: ``os.preadv`` where there is one (no seek,
+    no buffer), else seek + readinto. Returns the bytes read (fewer only at end of file)."""
+    if hasattr(os, "preadv"):
+        fd, got = fh.fileno(), 0
+        while got < len(view):
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n == 0:
+                break
+            got += n
+        return got
+    fh.seek(offset)
+    return fh.readinto(view) or 0
+
+
+def read_tensor(fh: BinaryIO, data_start: int, info: Mapping[str, Any], *, start: int = 0,
+                count: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read a tensor, or elements ``start:start+count`` of it flattened, with ``readinto``.
+
+    One copy, no mmap (source pages do not stay resident). ``out``: a flat buffer of the storage
+    dtype to read into (reused across calls to avoid fresh allocations and page faults).
+    """
+    dtype = ST_TO_DTYPE.get(info["dtype"])
+    if dtype is None:
+        raise ValueError(f"unsupported dtype {info['dtype']}")
+    shape = tuple(info["shape"])
+    numel = math.prod(shape)
+    begin, end = info["data_offsets"]
+    whole = count is None
+    count = numel - start if count is None else count
+    if start < 0 or count < 0 or start + count > numel:
+        raise ValueError(f"element range {start}:{start + count} outside 0:{numel}")
+    holder_dtype = storage_dtype(dtype)
+    if out is None:
+        holder = torch.empty(count, dtype=holder_dtype)
+    else:
+        holder = out[:count]
+    if count:
+        item = holder.element_size()
+        got = _read_at(fh, data_start + begin + start * item, memoryview(holder.numpy()).cast("B"))
+        if got != count * item:
+            raise ValueError(f"short read ({got} of {count * item} bytes)")
+    if dtype == torch.bfloat16:
+        result = holder.view(torch.bfloat16)
+    elif dtype == torch.bool:
+        result = holder.to(torch.bool)
+    else:
+        result = holder
+    return result.view(shape) if whole else result
+
+
+
+class TensorSpec:
+    """A tensor's dtype and shape, known before its data is computed."""
+
+    __slots__ = ("dtype", "shape")
+
+    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        self.dtype = dtype
+        self.shape = tuple(int(s) for s in shape)
+
+    @property
+    def nbytes(self) -> int:
+        return ITEMSIZE[DTYPE_TO_ST[self.dtype]] * math.prod(self.shape)
 
 
 class TensorIndex:
-    """Tensor names -> files of one model; reads one tensor at a time (thread-safe)."""
+    """Tensor names -> files of one model; reads one tensor (or block) at a time (thread-safe:
+    every thread has its own file handles)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.files = _weight_files(folder)
+        self.files = weight_files(folder)
         self.specs: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._where: dict[str, tuple[Path, int, dict[str, Any]]] = {}
         for f in self.files:
-            header, _ = read_header(f)
-            with open(f, "rb") as fh:
-                data_start = 8 + struct.unpack("<Q", fh.read(8))[0]
-            for name, info in header.items():
+            header = read_header(f)
+            for name, info in header.tensors.items():
                 self.specs[name] = (info["dtype"], tuple(info["shape"]))
-                self._where[name] = (f, data_start, info)
+                self._where[name] = (f, header.data_start, info)
         self._local = threading.local()
         self._all_handles: list[Any] = []
 
@@ -101,12 +179,15 @@ class TensorIndex:
 
 
 @dataclass
-class _Source:
+class Source:
+    """One model of the recipe, checked: its folder, config, heads (offsets within this
+    source) and tensor index."""
+
     spec: ModelSpec
     folder: Path
     revision: str | None
     config: dict[str, Any]
-    heads: tuple[Head, ...]          # offsets within this source
+    heads: tuple[Head, ...]
     index: TensorIndex
     position: int                    # models[position] in the recipe
 
@@ -125,52 +206,25 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def _head_name_from_id(model_id: str) -> str:
-    name = Path(model_id.rstrip("/")).name or model_id
-    name = re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("_")
-    return name or "head"
-
-
-def _vocab(folder: Path) -> dict[str, int] | None:
-    """The tokenizer vocabulary (token -> id), read from the files (no transformers import)."""
-    tj = folder / "tokenizer.json"
-    try:
-        if tj.exists():
-            data = json.loads(tj.read_text(encoding="utf-8"))
-            model = data.get("model") or {}
-            vocab = model.get("vocab")
-            if isinstance(vocab, list):  # unigram: [[piece, score], ...]
-                out = {str(p[0]): i for i, p in enumerate(vocab)}
-            elif isinstance(vocab, dict):
-                out = {str(k): int(v) for k, v in vocab.items()}
-            else:
-                raise ValueError("no model.vocab")
-            for tok in data.get("added_tokens") or []:
-                out[str(tok["content"])] = int(tok["id"])
-            return out
-        vt = folder / "vocab.txt"
-        if vt.exists():
-            return {line.rstrip("\n"): i for i, line in
-                    enumerate(vt.read_text(encoding="utf-8").splitlines())}
-        vj = folder / "vocab.json"
-        if vj.exists():
-            return {str(k): int(v) for k, v in json.loads(vj.read_text(encoding="utf-8")).items()}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"{folder}: cannot read the tokenizer vocabulary: {exc}") from exc
-    return None
-
-
 class MergePlan:
-    """Everything checked and laid out before the first tensor is merged."""
+    """Everything checked and laid out before the first tensor is merged.
+
+    ``names``: the merged model's tensor names (sorted); ``specs``: their output dtype and
+    shape; ``head_tensors``: the output layer (HM3-expanded); ``heads``: the merged heads in
+    logit order. Tensors are read on demand: ``base_tensor``, ``source_tensor``,
+    ``head_rows`` (the sources' expanded output layers), ``buffer_tensor`` (integer buffers,
+    checked equal) and ``merged_head`` (the head rows merged per the recipe's head mode).
+    """
 
     def __init__(self, recipe: MergeRecipe) -> None:
         self.recipe = recipe
         self.base_folder, self.base_revision = resolve_model_dir(recipe.base, recipe.base_revision)
         self.base_config = _read_config(self.base_folder)
         self.base_index = TensorIndex(self.base_folder)
-        self._local_buffers = threading.local()
-        self.sources = [self._load_source(i, spec) for i, spec in enumerate(recipe.models)]
+        self.sources: list[Source] = []
+        self._hashes: dict[str, Future[str]] = {}
         try:
+            self.sources = [self._load_source(i, spec) for i, spec in enumerate(recipe.models)]
             self._check_compatible()
             self.heads = self._layout_heads()
             self.model_type = str(self.sources[0].config["model_type"])
@@ -183,9 +237,21 @@ class MergePlan:
             self.close()
             raise
 
+    @property
+    def weights(self) -> list[float]:
+        return [s.spec.weight for s in self.sources]
+
+    @property
+    def densities(self) -> list[float]:
+        return [s.spec.density for s in self.sources]
+
+    @property
+    def num_labels(self) -> int:
+        return sum(h.size for h in self.heads)
+
     # -- preparation -------------------------------------------------------------------------
 
-    def _load_source(self, position: int, spec: ModelSpec) -> _Source:
+    def _load_source(self, position: int, spec: ModelSpec) -> Source:
         info = inspect_bundle(spec.model, revision=spec.revision)
         folder = info.path
         revision = None
@@ -195,7 +261,7 @@ class MergePlan:
         where = f"{self.recipe.source}: models[{position}]"
         if len(heads) == 1:
             h = heads[0]
-            name = spec.head or _head_name_from_id(spec.model)
+            name = spec.head or head_name_from_id(spec.model)
             labels = h.labels
             if spec.labels is not None:
                 if len(spec.labels) != len(h.labels):
@@ -210,7 +276,7 @@ class MergePlan:
             raise MergeError(f"{where}: {spec.model} is a bundle of {len(heads)} heads "
                              f"({', '.join(h.name for h in heads)}); 'head' and 'labels' only "
                              "apply to single-head classifiers")
-        return _Source(spec=spec, folder=folder, revision=revision, config=info.config,
+        return Source(spec=spec, folder=folder, revision=revision, config=info.config,
                        heads=tuple(heads), index=TensorIndex(folder), position=position)
 
     def _check_compatible(self) -> None:
@@ -226,12 +292,12 @@ class MergePlan:
                 if key in cfg and key in ref.config and cfg[key] != ref.config[key]:
                     raise MergeError(f"{label} ({model_id}): {key} = {cfg[key]} but "
                                      f"{ref.spec.model} has {key} = {ref.config[key]}")
-        ref_vocab = _vocab(ref.folder)
+        ref_vocab = read_vocab(ref.folder)
         if ref_vocab is None:
             raise MergeError(f"models[0] ({ref.spec.model}): no tokenizer files")
         for label, folder, model_id in [("base", self.base_folder, self.recipe.base)] + [
                 (f"models[{s.position}]", s.folder, s.spec.model) for s in self.sources[1:]]:
-            vocab = _vocab(folder)
+            vocab = read_vocab(folder)
             if vocab is None:
                 if label == "base":
                     logger.info("base %s has no tokenizer files; vocabulary not compared", model_id)
@@ -281,7 +347,7 @@ class MergePlan:
                 elif ss != shape:
                     raise MergeError(f"models[{s.position}] ({s.spec.model}): tensor {name!r} has "
                                      f"shape {list(ss)} but {ref.spec.model} has {list(shape)}")
-                if (sd in ("F32", "F16", "BF16", "F64")) != (dtype in ("F32", "F16", "BF16", "F64")):
+                if (sd in FLOAT_DTYPES) != (dtype in FLOAT_DTYPES):
                     raise MergeError(f"models[{s.position}] ({s.spec.model}): tensor {name!r} has "
                                      f"dtype {sd} but {ref.spec.model} has {dtype}")
         return sorted(names)
@@ -318,7 +384,7 @@ class MergePlan:
         return mapping
 
     def _output_specs(self) -> dict[str, TensorSpec]:
-        out_dtype = _OUT_DTYPES[self.recipe.dtype]
+        out_dtype = OUT_DTYPES[self.recipe.dtype]
         total = sum(h.size for h in self.heads)
         specs = {}
         for name in self.names:
@@ -331,116 +397,52 @@ class MergePlan:
             specs[name] = TensorSpec(dtype, shape)
         return specs
 
-    # -- merging -----------------------------------------------------------------------------
+    # -- reading -----------------------------------------------------------------------------
 
-    def _expand(self, s: _Source, tensor: torch.Tensor) -> torch.Tensor:
-        """HM3: pad a source's output-layer tensor with zero rows for every other head."""
-        total = sum(h.size for h in self.heads)
-        out = torch.zeros((total,) + tuple(tensor.shape[1:]), dtype=torch.float32)
-        start = next(h.offset for h in self.heads if h.name == s.heads[0].name)
-        out[start:start + s.num_labels] = tensor.float()
+    def base_tensor(self, name: str) -> torch.Tensor:
+        """The base's tensor for merged tensor ``name`` (float32); not for the output layer."""
+        base_name = self.base_names[name]
+        if base_name is None:
+            raise KeyError(f"{name!r} is an output-layer tensor: the base's head is all zeros")
+        return self.base_index.get(base_name).float()
+
+    def source_tensor(self, i: int, name: str) -> torch.Tensor:
+        """Source ``i``'s tensor ``name`` as stored (output layers unexpanded)."""
+        return self.sources[i].index.get(name)
+
+    def head_rows(self, name: str) -> list[torch.Tensor]:
+        """Every source's output-layer tensor ``name``, HM3-expanded to all heads (float32)."""
+        total = self.num_labels
+        out = []
+        for s in self.sources:
+            offset = next(h.offset for h in self.heads if h.name == s.heads[0].name)
+            out.append(expand_rows(s.index.get(name), offset, total))
         return out
 
-    def _whole_tensor(self, name: str) -> torch.Tensor:
-        """Integer buffers and the (small) output-layer tensors, merged in memory."""
+    def merged_head(self, name: str, *, method: str | None = None,
+                    densities: Sequence[float] | None = None, seed: int | None = None) -> torch.Tensor:
+        """Output-layer tensor ``name`` of the merged model (float32), per the head mode.
+        ``method`` / ``densities`` / ``seed`` default to the recipe's (the search varies them)."""
         r = self.recipe
-        weights = [s.spec.weight for s in self.sources]
-        densities = [s.spec.density for s in self.sources]
-        spec = self.specs[name]
-        if not spec.dtype.is_floating_point:
-            tensors = [s.index.get(name) for s in self.sources]
-            base_name = self.base_names.get(name)
-            ref = self.base_index.get(base_name) if base_name else tensors[0]
-            for s, t in zip(self.sources, tensors):
-                if not torch.equal(t, ref):
-                    raise MergeError(f"models[{s.position}] ({s.spec.model}): integer buffer "
-                                     f"{name!r} differs from the base's; it must be identical")
-            return ref.clone()
-        expanded = [self._expand(s, s.index.get(name)) for s in self.sources]
-        if r.head_mode == "owner":
-            out = torch.stack(expanded).sum(dim=0)  # rows are disjoint: an exact copy
-        else:
-            out = merge_tensor(r.method, torch.zeros_like(expanded[0]), expanded, weights,
-                               densities, lam=r.lam, seed=r.seed, name=name)
-        return out.to(spec.dtype)
+        return merge_head_rows(r.head_mode, method or r.method, self.head_rows(name), self.weights,
+                               list(densities) if densities is not None else self.densities,
+                               lam=r.lam, seed=r.seed if seed is None else seed, name=name)
 
-    def merged_blocks(self, name: str) -> Iterator[torch.Tensor]:
-        """Tensor ``name`` of the merged model as flat blocks (streamed from the sources).
-
-        Each block is read from the files into reused buffers, merged by the same kernel as
-        ``merge_tensor``, and handed on: nothing model-sized is allocated.
-        """
-        spec = self.specs[name]
-        if name in self.head_tensors or not spec.dtype.is_floating_point:
-            yield self._whole_tensor(name).reshape(-1)
-            return
-        r = self.recipe
-        m = METHODS[r.method]
-        weights = [s.spec.weight for s in self.sources]
-        densities = [s.spec.density for s in self.sources]
-        n = 1
-        for dim in spec.shape:
-            n *= dim
-        base_name = self.base_names[name]
-        inputs = [(s.index, name) for s in self.sources]
-        if m.uses_base:
-            assert base_name is not None
-            inputs.append((self.base_index, base_name))
-        buffers = [self._buffer(i, idx.specs[nm][0]) for i, (idx, nm) in enumerate(inputs)]
-
-        def block(k: int, start: int, count: int) -> torch.Tensor:
-            idx, nm = inputs[k]
-            return idx.get_block(nm, start, count, buffers[k]).float()
-
-        masks: list[torch.Tensor | None] = []
-        if m.sparsify == "magnitude":
-            base_full = block(len(self.sources), 0, n).clone() if n <= CHUNK else None
-
-            def magnitudes(i: int) -> torch.Tensor:
-                mag = torch.empty(n, dtype=torch.float32)
-                for start in range(0, n, CHUNK):
-                    c = min(CHUNK, n - start)
-                    b = base_full[start:start + c] if base_full is not None else \
-                        block(len(self.sources), start, c).clone()
-                    mag[start:start + c] = block(i, start, c).sub_(b).abs_()
-                return mag
-
-            masks = magnitude_masks(m, n, densities, magnitudes)
-        gens = [dare_generator(r.seed, name, i) for i in range(len(self.sources))] \
-            if m.sparsify == "dare" else []
-        keep_buffers = [self._buffer(("keep", i), "F32") for i in range(len(self.sources))]
-        for start in range(0, n, CHUNK):
-            c = min(CHUNK, n - start)
-            # float32 storage: .float() is the reused buffer itself, owned and overwritten here
-            blocks = [block(k, start, c) for k in range(len(inputs))]
-            if not m.uses_base:
-                yield linear_block(blocks, weights).to(spec.dtype)
-                continue
-            bb = blocks[-1]
-            deltas = [x.sub_(bb) for x in blocks[:-1]]
-            keeps = block_keeps(m, densities, gens, masks, start, c, keep_buffers)
-            out = merge_block(m, bb, deltas, weights, densities, r.lam, keeps,
-                              out=torch.empty(c, dtype=torch.float32))
-            yield out.to(spec.dtype)  # a fresh tensor, never a reused buffer: the writer queues it
-
-    def _buffer(self, slot: Any, st_dtype: str) -> torch.Tensor:
-        cache = getattr(self._local_buffers, "b", None)
-        if cache is None:
-            cache = self._local_buffers.b = {}
-        key = (slot, st_dtype)
-        buf = cache.get(key)
-        if buf is None:
-            buf = cache[key] = torch.empty(CHUNK, dtype=storage_dtype(ST_TO_DTYPE[st_dtype]))
-        return buf
-
-    def merged_tensor(self, name: str) -> torch.Tensor:
-        """The whole merged tensor (the concatenation of ``merged_blocks``)."""
-        blocks = [b.clone() for b in self.merged_blocks(name)]
-        return torch.cat(blocks).view(self.specs[name].shape)
+    def buffer_tensor(self, name: str) -> torch.Tensor:
+        """A non-float buffer (``position_ids``, ``token_type_ids``): the base's, which every
+        source must equal exactly."""
+        tensors = [s.index.get(name) for s in self.sources]
+        base_name = self.base_names.get(name)
+        ref = self.base_index.get(base_name) if base_name else tensors[0]
+        for s, t in zip(self.sources, tensors):
+            if not torch.equal(t, ref):
+                raise MergeError(f"models[{s.position}] ({s.spec.model}): integer buffer "
+                                 f"{name!r} differs from the base's; it must be identical")
+        return ref.clone()
 
     def close(self) -> None:
         self.base_index.close()
-        for s in getattr(self, "sources", []):
+        for s in self.sources:
             s.index.close()
 
     # -- output ------------------------------------------------------------------------------
@@ -453,12 +455,12 @@ class MergePlan:
 
     def start_hashing(self, pool: ThreadPoolExecutor) -> None:
         """Content hashes of every input, computed beside the merge (hashlib frees the GIL)."""
-        self._hashes: dict[str, Future[str]] = {"base": pool.submit(hash_files, self.base_index.files)}
+        self._hashes["base"] = pool.submit(hash_files, self.base_index.files)
         for s in self.sources:
             self._hashes[s.spec.model] = pool.submit(hash_files, s.index.files)
 
     def _hash(self, key: str, files: Sequence[Path]) -> str:
-        fut = getattr(self, "_hashes", {}).get(key)
+        fut = self._hashes.get(key)
         return fut.result() if fut is not None else hash_files(files)
 
     def final_heads(self) -> tuple[Head, ...]:
@@ -470,67 +472,7 @@ class MergePlan:
         return {"base": {"id": self.recipe.base, "revision": self.base_revision,
                          "sha256": self._hash("base", self.base_index.files)}}
 
-    def write_support_files(self, folder: Path) -> None:
-        (folder / "config.json").write_text(json.dumps(self.config(), indent=2, sort_keys=True)
-                                            + "\n", encoding="utf-8")
-        src = self.sources[0].folder
-        for name in _TOKENIZER_FILES:
-            if (src / name).exists():
-                shutil.copyfile(src / name, folder / name)
-        if not (folder / "vocab.txt").exists() and self.model_type in {"bert", "distilbert",
-                                                                         "electra", "mobilebert"}:
-            vocab = _vocab(src) or {}
-            ordered = sorted(vocab, key=vocab.__getitem__)
-            (folder / "vocab.txt").write_text("\n".join(ordered) + "\n", encoding="utf-8")
-        write_manifest(folder, self.final_heads(), self.recipe.to_dict(),
-                       extra=self.manifest_extra())
-
 
 def plan_merge(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str]) -> MergePlan:
+    """Load and check a recipe's models (a recipe object, a dict, or a YAML file)."""
     return MergePlan(load_recipe(recipe))
-
-
-def merge(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str],
-          output: str | os.PathLike[str], *, overwrite: bool = False,
-          progress: bool = False) -> Path:
-    """Run an HM3 merge and write a guard bundle to ``output`` (atomically). Returns the path."""
-    recipe = load_recipe(recipe)
-    output = Path(output).expanduser().resolve()
-    if output.exists() and not overwrite:
-        raise MergeError(f"{output}: already exists (pass overwrite=True / --overwrite)")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    plan = MergePlan(recipe)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardmerge-hash")
-    # The merge runs its own threads (the writer, the hasher) beside the maths on this one;
-    # torch's intra-op threads on top of those oversubscribe the cores, and spinning OpenMP
-    # workers made a 2-core merge about twice as slow (measured). Restored at the end.
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        plan.start_hashing(hasher)
-        logger.info("merging %d model(s) with %s (head_mode=%s) into %s", len(plan.sources),
-                    recipe.method, recipe.head_mode, output)
-        metadata = {"format": "pt", "guardmerge_method": recipe.method}
-        with Progress(len(plan.names), "merging", enabled=progress) as bar, \
-                StreamingWriter(tmp / "model.safetensors", plan.specs, metadata) as writer:
-            for name in plan.names:
-                writer.write(name, plan.merged_blocks(name))
-                bar.update(1, note=name[-40:])
-        plan.write_support_files(tmp)
-        if output.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, trash / output.name)
-            os.replace(tmp, output)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
-    except BaseException:
-        hasher.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        hasher.shutdown(wait=True)
-        plan.close()
-        torch.set_num_threads(torch_threads)
-    return output

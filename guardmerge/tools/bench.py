@@ -1,4 +1,5 @@
-"""Benchmarks (``guardmerge bench ...``). Not tests: they print figures measured in one run."""
+"""Benchmarks (``guardmerge bench ...``). Not tests: they print figures measured in one run,
+with every compared variant measured side by side (ratios, not absolute targets)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Any, Sequence
 
 import torch
 
+__all__ = ["runtime", "merge", "middleware", "search", "cli"]
+
 
 def _machine() -> str:
     return (f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} "
@@ -23,7 +26,7 @@ def _machine() -> str:
 
 def _base_sized_bundle(folder: Path, *, layers: int, hidden: int, heads: int, intermediate: int,
                        head_layout: dict[str, list[str]]) -> tuple[Path, Any]:
-    from .testing import bert_base_vocab, build_bundle, build_tokenizer
+    from ..testing import bert_base_vocab, build_bundle, build_tokenizer
 
     tok = build_tokenizer(bert_base_vocab(), extra_words=())
     path = build_bundle(folder, head_layout, tokenizer=tok, seed=0, hidden=hidden, layers=layers,
@@ -34,8 +37,8 @@ def _base_sized_bundle(folder: Path, *, layers: int, hidden: int, heads: int, in
 def runtime(*, layers: int = 12, hidden: int = 768, heads: int = 12, intermediate: int = 3072,
             repeats: int = 5, long_tokens: int = 20000, dtypes: Sequence[str] = ("float32", "bfloat16"),
             threads: int | None = None) -> dict[str, Any]:
-    from .classifier import BundleClassifier
-    from .testing import bert_base_vocab, random_text
+    from ..classifier import BundleClassifier
+    from ..testing import bert_base_vocab, random_text
 
     if threads:
         torch.set_num_threads(threads)
@@ -93,7 +96,7 @@ def runtime(*, layers: int = 12, hidden: int = 768, heads: int = 12, intermediat
 def merge(*, layers: int = 12, hidden: int = 768, methods: Sequence[str] = ("ties", "dare_ties"),
           mergekit: str | None = None, workdir: str | None = None,
           repeat: int = 3) -> dict[str, Any]:
-    from ._merge_bench import run as run_merge_bench
+    from .merge_bench import run as run_merge_bench
 
     return run_merge_bench(layers=layers, hidden=hidden, methods=methods, mergekit=mergekit,
                            workdir=workdir, repeat=repeat)
@@ -104,12 +107,12 @@ def middleware(*, calls: int = 2000, turns: int = 20) -> dict[str, Any]:
     forward passes the history cache saves over a multi-turn conversation."""
     import httpx
 
-    from ._http import ChatClient
-    from .classifier import BundleClassifier, FunctionClassifier
-    from .client import guard_client
-    from .guard import Guard
-    from .policy import Policy
-    from .testing import build_tokenizer, build_trigger_model, random_text, write_bundle
+    from .._http import ChatClient
+    from ..classifier import BundleClassifier, FunctionClassifier
+    from ..client import guard_client
+    from ..guard import Guard
+    from ..policy import Policy
+    from ..testing import build_tokenizer, build_trigger_model, random_text, write_bundle
 
     body = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "m",
                        "choices": [{"index": 0, "finish_reason": "stop",
@@ -197,11 +200,11 @@ def search(*, texts: int = 1000, words: int = 40, trials: int = 3, layers: int =
            finalists: int = 0) -> dict[str, Any]:
     """Trials per hour of the density search: two BERT-base-sized sources, ``texts`` texts;
     every trial on all texts, and with screening (``screen`` texts first, the best 5% on all)."""
-    from ._merge_bench import build_inputs
-    from .evaluate import Example
-    from .merge.recipe import MergeRecipe
-    from .search import SearchSpec, TrialContext, screen_subset, trial_densities
-    from .testing import bert_base_vocab, random_text
+    from .merge_bench import build_inputs
+    from ..merge.evaluation import Example
+    from ..merge.recipe import MergeRecipe
+    from ..merge.search import SearchOptions, TrialContext, screen_subset, trial_densities
+    from ..testing import bert_base_vocab, random_text
 
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="guardmerge-bench-"))
     results: dict[str, Any] = {"machine": _machine()}
@@ -218,7 +221,7 @@ def search(*, texts: int = 1000, words: int = 40, trials: int = 3, layers: int =
             "base": str(paths["base"]), "method": "dare_ties",
             "models": [{"model": str(paths["jb"]), "head": "jailbreak", "labels": labels["jailbreak"]},
                        {"model": str(paths["hate"]), "head": "hate", "labels": labels["hate"]}]})
-        spec = SearchSpec(trials=search_trials, seed=0, screen=screen, finalists=finalists)
+        spec = SearchOptions(trials=search_trials, seed=0, screen=screen, finalists=finalists)
         screen_idx = screen_subset(examples, screen, spec.seed) if screen else []
         k_final = spec.n_finalists
         n_tokens = None
@@ -270,4 +273,50 @@ def search(*, texts: int = 1000, words: int = 40, trials: int = 3, layers: int =
     finally:
         if not workdir:
             shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+def cli(*, repeats: int = 10) -> dict[str, Any]:
+    """Start-up time of the command line's fast paths, each in a fresh process (median), and
+    whether the command imported torch / transformers."""
+    import subprocess
+    import sys
+
+    folder = Path("policies")
+    if not folder.is_dir():  # an editable install run from elsewhere: the repository's
+        folder = Path(__file__).resolve().parents[2] / "policies"
+    policies = sorted(str(p) for p in folder.glob("*.yaml"))
+    probe = ("import sys, time; t = time.perf_counter(); from guardmerge.cli import main; "
+             "import contextlib, io\n"
+             "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+             "    rc = main(sys.argv[1:])\n"
+             "print(rc, time.perf_counter() - t, 'torch' in sys.modules, "
+             "'transformers' in sys.modules)")
+    commands = {"guardmerge --help": ["--help"],
+                f"guardmerge policy check ({len(policies)} policies)": ["policy", "check", *policies],
+                "python -c pass (interpreter alone)": None}
+    print(f"# guardmerge bench cli: {_machine()}")
+    print(f"# each command in a fresh process, {repeats} runs, median wall time of the whole "
+          "process; 'in-process' is the time from importing guardmerge.cli to main() returning")
+    print(f"{'command':<44} {'process s':>9} {'in-process s':>12} {'torch?':>7} {'transformers?':>13}")
+    results: dict[str, Any] = {}
+    for label, argv in commands.items():
+        walls, inner, flags = [], [], (False, False)
+        for _ in range(repeats):
+            cmd = [sys.executable, "-c", "pass"] if argv is None else \
+                [sys.executable, "-c", probe, *argv]
+            t = time.perf_counter()
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            walls.append(time.perf_counter() - t)
+            if argv is not None:
+                rc, secs, has_torch, has_tf = out.stdout.split()
+                inner.append(float(secs))
+                flags = (has_torch == "True", has_tf == "True")
+        row = {"process_s": statistics.median(walls),
+               "in_process_s": statistics.median(inner) if inner else None,
+               "torch": flags[0], "transformers": flags[1]}
+        results[label] = row
+        ip = f"{row['in_process_s']:.3f}" if inner else "-"
+        print(f"{label:<44} {row['process_s']:>9.3f} {ip:>12} {str(flags[0]):>7} "
+              f"{str(flags[1]):>13}")
     return results

@@ -1,7 +1,6 @@
-"""Build small (or BERT-base-sized) models, tokenizers and bundles locally, with no download.
+"""Tiny (or BERT-base-sized) models, tokenizers and bundles built locally, with no download.
 
-Used by guardmerge's own tests and benchmarks, and useful for yours: every function here works
-offline and is deterministic for a given seed.
+Every function here works offline and is deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -13,21 +12,22 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .bundle import config_for_heads, write_manifest
-from .labels import Head, heads_from_layout
+from ..bundle import config_for_heads, save_tokenizer, write_manifest
+from ..labels import Head, heads_from_layout
 
 __all__ = [
     "WORDS",
     "TRIGGER",
     "build_tokenizer",
-    "save_tokenizer",
     "tiny_config",
     "save_model_folder",
     "build_bundle",
+    "write_bundle",
     "build_classifier_folder",
     "build_base_folder",
     "build_trigger_model",
     "random_text",
+    "bert_base_vocab",
 ]
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -67,16 +67,6 @@ def build_tokenizer(words: Sequence[str] = WORDS, *, extra_words: Sequence[str] 
     return BertTokenizer(tokenizer_object=backend, unk_token="[UNK]", sep_token="[SEP]",
                          pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]",
                          model_max_length=model_max_length)
-
-
-def save_tokenizer(tokenizer: Any, folder: str | os.PathLike[str]) -> None:
-    """save_pretrained plus ``vocab.txt`` (transformers 5 no longer writes it for BERT)."""
-    folder = Path(folder)
-    tokenizer.save_pretrained(folder)
-    if not (folder / "vocab.txt").exists():
-        vocab = tokenizer.get_vocab()
-        ordered = sorted(vocab, key=vocab.__getitem__)
-        (folder / "vocab.txt").write_text("\n".join(ordered) + "\n", encoding="utf-8")
 
 
 def tiny_config(vocab_size: int, num_labels: int = 2, *, hidden: int = 32, layers: int = 2,
@@ -238,7 +228,3 @@ def bert_base_vocab(size: int = 30522) -> list[str]:
     n_extra = size - len(SPECIALS) - 2 * 47 - len(base) - 1
     return base + [f"w{i}" for i in range(max(0, n_extra))]
 
-
-from ._fake_openai import OpenAICompatServer, echo_reply  # noqa: E402
-
-__all__ += ["OpenAICompatServer", "echo_reply", "write_bundle", "bert_base_vocab"]

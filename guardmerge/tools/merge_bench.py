@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import torch
 
+__all__ = ["build_inputs", "compare_outputs", "measure", "run"]
+
 LABELS = (["benign", "jailbreak"], ["hate speech", "normal", "offensive"])
 
 
@@ -29,7 +31,7 @@ def build_inputs(root: Path, *, layers: int, hidden: int, seed: int = 0,
     """base (BertModel names), jb + hate classifiers, and HM3-expanded copies for mergekit."""
     from safetensors.torch import load_file, save_file
 
-    from .testing import (bert_base_vocab, build_base_folder, build_classifier_folder,
+    from ..testing import (bert_base_vocab, build_base_folder, build_classifier_folder,
                           build_tokenizer)
 
     if (root / "done.json").exists():

@@ -1,0 +1,485 @@
+"""Model search (the paper's Algorithm 3): sample task-vector densities from Beta(a, b), merge,
+evaluate on labelled data, keep the best of N trials.
+
+Trials are cheap: the base and task vectors are loaded once per process and kept in memory,
+each candidate is merged in memory by the same kernel as ``guardmerge merge`` (so the saved best
+bundle is exactly the evaluated one), evaluation texts are tokenised and windowed once, and with
+``dtype="auto"`` the model runs in bfloat16 where the CPU supports it. Every trial is appended to a JSONL file as it
+finishes, so an interrupted search loses nothing and ``resume=True`` continues it. A trial is a
+plain picklable function of (context, options, trial number): processes (``workers``) or a cluster engine
+can run it; results depend only on (seed, trial number), never on the number of workers.
+
+Screening (``SearchOptions.screen``, off by default): a full evaluation costs one forward pass over
+every evaluation token, so on a 2-core CPU a BERT-base search of hundreds of trials is bounded by
+compute, not by overhead. With ``screen=N`` every trial is first scored on a fixed subset of N
+examples, stratified by (head, label) and drawn from the search seed; the ``finalists`` best of
+those (5% of the trials by default) are then scored on every example, and only full scores pick
+the best bundle. Both stages are written to the results file (``stage`` = ``screen`` / ``full``),
+so resume and worker-count invariance hold for each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from .._options import identity
+from .._progress import format_seconds, progress
+from ..exceptions import ConfigError
+from .evaluation import (EvalReport, Example, evaluate, load_examples, predicted_label,
+                       report_from_predictions)
+from .heads import merge_head_rows
+from .methods import merge_task_vectors, merge_tensor
+from .options import SearchOptions
+from .recipe import MergeRecipe, load_recipe
+
+__all__ = ["SearchOptions", "TrialResult", "run_search", "trial_densities", "TrialContext",
+           "run_trial", "read_results", "screen_subset", "evaluate_sources"]
+
+logger = logging.getLogger("guardmerge.search")
+
+
+def screen_subset(examples: Sequence[Example], size: int, seed: int) -> list[int]:
+    """Indices of a fixed screening subset: ``size`` examples stratified by (head, label) in
+    proportion (largest remainder, at least one per group while there is room), drawn with
+    ``seed``. A function of the data and the seed only."""
+    if size >= len(examples):
+        raise ConfigError(f"screen = {size} must be smaller than the {len(examples)} evaluation "
+                          "examples (0 turns screening off)")
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault((e.head, e.label), []).append(i)
+    keys = sorted(groups)
+    quota = {k: size * len(groups[k]) / len(examples) for k in keys}
+    take = {k: min(len(groups[k]), max(1, int(quota[k]))) for k in keys}
+    while sum(take.values()) > size:  # more groups than room: drop the smallest quotas' extras
+        k = min((k for k in keys if take[k] > 0), key=lambda k: (quota[k], k))
+        take[k] -= 1
+    for k in sorted(keys, key=lambda k: (-(quota[k] - int(quota[k])), k)):
+        if sum(take.values()) >= size:
+            break
+        if take[k] < len(groups[k]):
+            take[k] += 1
+    rng = np.random.default_rng([seed, 0x5C])
+    chosen: list[int] = []
+    for k in keys:
+        idx = groups[k]
+        chosen += [idx[j] for j in rng.permutation(len(idx))[:take[k]]]
+    return sorted(chosen)
+
+
+class _EvalSet(NamedTuple):
+    """Evaluation examples, each distinct text's position, and those texts prepared."""
+
+    examples: list[Example]
+    position: dict[str, int]
+    prepared: Any
+
+
+@dataclass
+class TrialResult:
+    trial: int
+    seed: int
+    densities: list[float]
+    score: float
+    heads: dict[str, float]
+    accuracy: dict[str, float]
+    seconds: float
+    method: str = ""
+    stage: str = "full"              # "screen": scored on the screening subset only
+    report: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["type"] = "trial"
+        return json.dumps(data, sort_keys=True)
+
+
+def trial_densities(options: SearchOptions, trial: int, n_models: int) -> tuple[list[float], int]:
+    """(densities, merge seed) of a trial: a function of (search seed, trial number) only."""
+    rng = np.random.default_rng([options.seed, trial])
+    a, b = options.beta
+    draws = rng.beta(a, b, size=1 if options.shared_density else n_models)
+    if options.shared_density:
+        draws = np.repeat(draws, n_models)
+    densities = [float(min(1.0, max(options.min_density, round(float(d), 6)))) for d in draws]
+    return densities, int(rng.integers(0, 2**31 - 1))
+
+
+def objective(options: SearchOptions, report: EvalReport) -> float:
+    """The trial's score: mean / min of the heads' macro-F1, or one head's."""
+    f1 = {h: r.macro_f1 for h, r in report.heads.items()}
+    if options.objective == "mean":
+        return sum(f1.values()) / len(f1)
+    if options.objective == "min":
+        return min(f1.values())
+    head = options.objective.split(":", 1)[1]
+    if head not in f1:
+        raise ConfigError(f"objective head {head!r} has no evaluation data (heads: {sorted(f1)})")
+    return f1[head]
+
+
+class TrialContext:
+    """Everything a trial needs, built once per process: base and task vectors in memory, a model
+    whose weights each trial overwrites, and the evaluation texts tokenised once."""
+
+    def __init__(self, recipe: MergeRecipe, examples: Sequence[Example], *, dtype: str = "float32",
+                 batch_size: int = 16, screen: Sequence[int] = ()) -> None:
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        from ..classifier import BundleClassifier, resolve_dtype
+        from .plan import MergePlan
+
+        self.recipe = recipe
+        plan = MergePlan(recipe)
+        try:
+            self.heads = plan.heads
+            self.names = plan.names
+            self.specs = plan.specs
+            self.base: dict[str, torch.Tensor] = {}
+            self.deltas: dict[str, list[torch.Tensor]] = {}
+            self.head_rows: dict[str, list[torch.Tensor]] = {}
+            self.fixed: dict[str, torch.Tensor] = {}
+            for name in plan.names:
+                if not plan.specs[name].dtype.is_floating_point:
+                    self.fixed[name] = plan.buffer_tensor(name)
+                elif name in plan.head_tensors:
+                    self.head_rows[name] = plan.head_rows(name)
+                else:
+                    b = plan.base_tensor(name)
+                    self.base[name] = b
+                    self.deltas[name] = [plan.source_tensor(i, name).float().sub_(b)
+                                         for i in range(len(plan.sources))]
+            config = AutoConfig.for_model(**plan.config())
+            folder = plan.sources[0].folder
+            self.weights = plan.weights
+        finally:
+            plan.close()
+        model = AutoModelForSequenceClassification.from_config(config, dtype=resolve_dtype(dtype))
+        model.eval()
+        self.params = dict(model.state_dict())
+        missing = [n for n in self.names if n not in self.params]
+        if missing:
+            raise ConfigError(f"merged tensor names do not match the model: {missing[:5]}")
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        self.runtime = BundleClassifier(model, tokenizer, self.heads, batch_size=batch_size)
+        self.examples = list(examples)
+        texts = sorted({e.text for e in self.examples})
+        position = {t: i for i, t in enumerate(texts)}
+        full = _EvalSet(self.examples, position, self.runtime.prepare(texts))
+        self.sets = {"full": full}
+        if screen:  # a subset of the full set's windows: its texts are not tokenised again
+            subset = [self.examples[i] for i in screen]
+            sub_texts = sorted({e.text for e in subset})
+            self.sets["screen"] = _EvalSet(subset, {t: i for i, t in enumerate(sub_texts)},
+                                           full.prepared.select([position[t] for t in sub_texts]))
+
+    def load(self, method: str, densities: Sequence[float], seed: int) -> None:
+        """Merge in memory (the same kernels as a disk merge) into the model's weights."""
+        r = self.recipe
+        with torch.no_grad():
+            for name in self.names:
+                if name in self.fixed:
+                    merged = self.fixed[name]
+                elif name in self.head_rows:
+                    merged = merge_head_rows(r.head_mode, method, self.head_rows[name],
+                                             self.weights, densities, lam=r.lam, seed=seed,
+                                             name=name)
+                elif method == "linear":
+                    b = self.base[name]
+                    merged = merge_tensor("linear", None, [b + d for d in self.deltas[name]],
+                                          self.weights, densities)
+                else:
+                    merged = merge_task_vectors(method, self.base[name], self.deltas[name],
+                                                self.weights, densities, lam=r.lam, seed=seed,
+                                                name=name)
+                # the bundle stores recipe.dtype; round through it so trial == saved bundle
+                merged = merged.to(self.specs[name].dtype)
+                self.params[name].copy_(merged.view(self.params[name].shape))
+
+    def evaluate(self, stage: str = "full") -> EvalReport:
+        """The loaded candidate on every example (``full``) or the screening subset."""
+        if stage not in self.sets:
+            raise ValueError(f"no {stage!r} evaluation set (stages: {', '.join(self.sets)})")
+        ev = self.sets[stage]
+        scored = self.runtime.classify_prepared(ev.prepared)
+        preds = [predicted_label(scored[ev.position[e.text]].heads[e.head]) for e in ev.examples]
+        return report_from_predictions("candidate", ev.examples, preds, self.heads)
+
+
+_CONTEXT: TrialContext | None = None
+
+
+def _init_worker(recipe: Mapping[str, Any], examples: list[Example], dtype: str, batch_size: int,
+                 threads: int, screen: Sequence[int] = ()) -> None:
+    global _CONTEXT
+    torch.set_num_threads(max(1, threads))
+    _CONTEXT = TrialContext(MergeRecipe.from_dict(dict(recipe)), examples, dtype=dtype,
+                            batch_size=batch_size, screen=screen)
+
+
+def run_trial(options: SearchOptions, trial: int, context: TrialContext | None = None, *,
+              stage: str = "full") -> TrialResult:
+    """One trial: densities and seed from (search seed, trial), merge in memory, evaluate on
+    every example (``stage="full"``) or on the screening subset (``"screen"``)."""
+    ctx = context or _CONTEXT
+    if ctx is None:
+        raise RuntimeError("run_trial needs a TrialContext (or a worker initialised with one)")
+    start = time.perf_counter()
+    densities, seed = trial_densities(options, trial, len(ctx.recipe.models))
+    ctx.load(ctx.recipe.method, densities, seed)
+    report = ctx.evaluate(stage)
+    return TrialResult(trial=trial, seed=seed, densities=densities,
+                       score=objective(options, report),
+                       heads={h: r.macro_f1 for h, r in report.heads.items()},
+                       accuracy={h: r.accuracy for h, r in report.heads.items()},
+                       seconds=time.perf_counter() - start, method=ctx.recipe.method,
+                       stage=stage, report=report.to_dict())
+
+
+def _pool_trial(args: tuple[SearchOptions, int, str]) -> TrialResult:
+    options, trial, stage = args
+    return run_trial(options, trial, stage=stage)
+
+
+def _header(recipe: MergeRecipe, options: SearchOptions,
+            examples: Sequence[Example]) -> dict[str, Any]:
+    data_hash = hashlib.sha256("\x00".join(f"{e.head}\x01{e.label}\x01{e.text}"
+                                           for e in examples).encode()).hexdigest()
+    recipe_dict = recipe.to_dict()
+    recipe_dict.pop("seed", None)
+    for m in recipe_dict["models"]:
+        m.pop("density", None)
+    return {"type": "search", "recipe": recipe_dict, "spec": identity(options),
+            "data_sha256": data_hash}
+
+
+def read_results(path: str | os.PathLike[str]) -> tuple[dict[str, Any] | None, list[TrialResult]]:
+    """The header and the trials of a results file (a partial last line is skipped)."""
+    header, trials = None, {}
+    p = Path(path)
+    if not p.exists():
+        return None, []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            logger.warning("%s:%d: ignoring a partial line (interrupted write)", p, n)
+            continue
+        if row.get("type") == "search":
+            header = row
+        elif row.get("type") == "trial":
+            row.pop("type")
+            r = TrialResult(**row)
+            trials[(r.trial, r.stage)] = r
+    return header, [trials[k] for k in sorted(trials, key=lambda k: (k[1] != "screen", k[0]))]
+
+
+class _Search:
+    """One run of a search: the results file, the trials done, the best so far, the workers.
+
+    Stage 1 (with screening) scores every trial on the screening subset; stage 2 scores the
+    best screening scores (or, without screening, every trial) on every example. Both depend on
+    finished results only, so the outcome is the same for any number of workers and across
+    resumes.
+    """
+
+    def __init__(self, recipe: MergeRecipe, examples: list[Example], out: Path,
+                 options: SearchOptions) -> None:
+        self.recipe = recipe
+        self.examples = examples
+        self.options = options
+        self.results_path = out / "trials.jsonl"
+        header = _header(recipe, options, examples)
+        old_header, done = read_results(self.results_path)
+        if old_header is not None and not options.resume:
+            raise ConfigError(f"{self.results_path}: a search already exists here; pass "
+                              "resume=True (--resume) to continue it, or choose another folder")
+        if old_header is not None and old_header != json.loads(json.dumps(header)):
+            raise ConfigError(f"{self.results_path}: was written by a different search (recipe, "
+                              "options or data differ); it cannot be resumed with these settings")
+        self.screen = screen_subset(examples, options.screen, options.seed) if options.screen \
+            else []
+        # (re)write header + completed trials atomically: drops a line half-written by a crash
+        tmp = self.results_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join([json.dumps(header, sort_keys=True) + "\n"] +
+                               [t.to_json() + "\n" for t in done]), encoding="utf-8")
+        os.replace(tmp, self.results_path)
+        self.results = list(done)
+        self.best = max((r for r in self.results if r.stage == "full"),
+                        key=lambda r: (r.score, -r.trial), default=None)
+        self._context: TrialContext | None = None
+        self._pool: Any = None
+        # ETA per stage: a screening trial and a full one cost very differently. Until a full
+        # trial has run, its cost is the screening cost scaled by the text it reads (an
+        # overestimate: the merge part does not scale).
+        self._text_ratio = (sum(len(e.text) for e in examples) /
+                            max(1, sum(len(examples[i].text) for i in self.screen))) \
+            if self.screen else 1.0
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def eta(self) -> float | None:
+        if not self.screen:
+            return None
+        costs = {st: [r.seconds for r in self.results if r.stage == st] for st in ("screen", "full")}
+        s_mean = sum(costs["screen"]) / len(costs["screen"]) if costs["screen"] else None
+        f_mean = (sum(costs["full"]) / len(costs["full"]) if costs["full"]
+                  else s_mean * self._text_ratio if s_mean is not None else None)
+        if s_mean is None or f_mean is None:
+            return None
+        left_s = max(0, self.options.trials - len(costs["screen"]))
+        left_f = max(0, self.options.n_finalists - len(costs["full"]))
+        return (left_s * s_mean + left_f * f_mean) / self.options.workers
+
+    def note(self) -> str:
+        """What the progress bar says: the best full score so far, or while screening the best
+        screening score (and, with screening, an ETA that prices both stages)."""
+        if self.best is not None:
+            text = f"best {self.best.score:.4f} (trial {self.best.trial})"
+        else:
+            top = max((x for x in self.results if x.stage == "screen"),
+                      key=lambda x: (x.score, -x.trial), default=None)
+            text = f"screening, best {top.score:.4f} (trial {top.trial})" if top else ""
+        if self.screen:
+            text += f", eta {format_seconds(self.eta())}"
+        return text
+
+    def record(self, r: TrialResult, bar: Any) -> None:
+        with open(self.results_path, "a", encoding="utf-8") as fh:
+            fh.write(r.to_json() + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.results.append(r)
+        if r.stage == "full" and (self.best is None or
+                                  (r.score, -r.trial) > (self.best.score, -self.best.trial)):
+            self.best = r
+        bar.update(1)
+        bar.set_postfix_str(self.note(), refresh=True)
+
+    def missing(self, stage: str, trials: Sequence[int]) -> list[int]:
+        have = {r.trial for r in self.results if r.stage == stage}
+        return [t for t in trials if t not in have]
+
+    # -- running -----------------------------------------------------------------------------
+
+    def run_stage(self, stage: str, trials: list[int], bar: Any) -> None:
+        if not trials:
+            return
+        opts = self.options
+        if opts.workers <= 1:
+            if self._context is None:
+                self._context = TrialContext(self.recipe, self.examples, dtype=opts.dtype,
+                                             batch_size=opts.batch_size, screen=self.screen)
+            for t in trials:
+                self.record(run_trial(opts, t, self._context, stage=stage), bar)
+            return
+        if self._pool is None:
+            threads = max(1, (os.cpu_count() or 2) // opts.workers)
+            self._pool = multiprocessing.get_context("spawn").Pool(
+                opts.workers, initializer=_init_worker,
+                initargs=(self.recipe.to_dict(), self.examples, opts.dtype, opts.batch_size,
+                          threads, self.screen))
+        for r in self._pool.imap_unordered(_pool_trial, [(opts, t, stage) for t in trials]):
+            self.record(r, bar)
+
+    def run(self) -> TrialResult:
+        opts = self.options
+        total = opts.trials + (opts.n_finalists if self.screen else 0)
+        fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]" if self.screen else None
+        try:
+            with progress(total, "search", enabled=opts.progress, unit="trial",
+                          initial=len(self.results), bar_format=fmt) as bar:
+                if self.screen:
+                    self.run_stage("screen", self.missing("screen", range(opts.trials)), bar)
+                    screened = sorted((r for r in self.results if r.stage == "screen"),
+                                      key=lambda r: (-r.score, r.trial))
+                    finalists = sorted(r.trial for r in screened[:opts.n_finalists])
+                    self.run_stage("full", self.missing("full", finalists), bar)
+                else:
+                    self.run_stage("full", self.missing("full", range(opts.trials)), bar)
+        finally:
+            if self._pool is not None:
+                self._pool.terminate()
+                self._pool.join()
+        self.results.sort(key=lambda r: (r.stage != "screen", r.trial))
+        assert self.best is not None  # at least one full trial ran (trials >= 1)
+        return self.best
+
+
+def run_search(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str],
+               data: Sequence[str | os.PathLike[str]] | Sequence[Example],
+               out: str | os.PathLike[str], options: SearchOptions | None = None,
+               **overrides: Any) -> dict[str, Any]:
+    """Run (or resume) a search; write ``out/trials.jsonl``, ``out/best-bundle``, ``out/report.md``.
+
+    ``options`` (``SearchOptions``) or its fields as keywords (``trials=200, screen=100``).
+    Returns a summary: the best trial, the files written, the screening stage's figures.
+    """
+    opts = replace(options or SearchOptions(), **overrides)
+    recipe = load_recipe(recipe)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    examples = list(data) if data and isinstance(data[0], Example) else load_examples(data)  # type: ignore[arg-type]
+    search = _Search(recipe, examples, out, opts)
+    best = search.run()
+    results = search.results
+    summary: dict[str, Any] = {"trials": opts.trials, "results": str(search.results_path)}
+    if search.screen:
+        summary["screen"] = {"examples": len(search.screen), "of": len(examples),
+                             "finalists": sorted(r.trial for r in results if r.stage == "full")}
+    summary["best"] = {"trial": best.trial, "score": best.score, "densities": best.densities,
+                       "seed": best.seed, "heads": best.heads}
+    best_recipe = MergeRecipe.from_dict({**recipe.to_dict(), "seed": best.seed}).with_densities(
+        best.densities)
+    if opts.save_best:
+        from .write import merge
+
+        bundle = merge(best_recipe, out / "best-bundle", overwrite=True, progress=False)
+        summary["best_bundle"] = str(bundle)
+    originals: dict[str, EvalReport] = {}
+    if opts.compare_sources:
+        originals = evaluate_sources(recipe, examples, dtype=opts.dtype)
+    if opts.report:
+        from .report import write_search_report
+
+        summary["report"] = str(write_search_report(out, recipe, opts, results, best, originals))
+    return summary
+
+
+def evaluate_sources(recipe: MergeRecipe, examples: Sequence[Example], *,
+                     dtype: str = "float32") -> dict[str, EvalReport]:
+    """Each source classifier on its own head's examples (the 'original' column)."""
+    from ..classifier import BundleClassifier
+    from .plan import MergePlan
+
+    plan = MergePlan(recipe)
+    try:
+        owners = [(s.spec.model, s.folder, [h.name for h in s.heads]) for s in plan.sources]
+        merged_heads = {h.name: h for h in plan.heads}
+    finally:
+        plan.close()
+    out: dict[str, EvalReport] = {}
+    for model_id, folder, head_names in owners:
+        clf = BundleClassifier.from_pretrained(folder, dtype=dtype)
+        rename = dict(zip([h.name for h in clf.heads], head_names))
+        if len(clf.heads) == 1:
+            # a single-head source: its labels as the recipe named them
+            clf.relabel(merged_heads[head_names[0]].labels)
+        report = evaluate(clf, examples, model=model_id, rename=rename)
+        for head in head_names:
+            if head in report.heads:
+                out[head] = report
+    return out
