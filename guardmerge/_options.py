@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -55,7 +56,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, 
             else:
                 parser.add_argument(_flag(f), action="store_true", **kw)
             continue
-        base, optional = _unwrap_optional(kind)
+        base = _unwrap_optional(kind)
         if get_origin(base) is Literal:
             kw["choices"] = list(get_args(base))
             kw["type"] = type(get_args(base)[0])
@@ -76,13 +77,12 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, 
         parser.add_argument(_flag(f), **kw)
 
 
-def _unwrap_optional(kind: Any) -> tuple[Any, bool]:
+def _unwrap_optional(kind: Any) -> Any:
+    """``int | None`` -> ``int`` (an optional option's flag takes the value's type)."""
     args = get_args(kind)
-    if get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", None)) \
-            and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True
-    return kind, False
+    if get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return kind
 
 
 def from_args(cls: type[T], args: argparse.Namespace, **extra: Any) -> T:

@@ -64,10 +64,7 @@ print(json.dumps({{"rc": rc, "help": rc_help, "torch": "torch" in sys.modules,
 
 def _imports(path: Path) -> list[tuple[str, bool]]:
     """(absolute module name, at module level?) of every import in a guardmerge source file."""
-    rel = path.relative_to(ROOT).with_suffix("")
-    package = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
-    if rel.name == "__init__":
-        package = list(rel.parts[:-1])
+    package = list(path.relative_to(ROOT).parts[:-1])  # a module's package (an __init__'s own)
     tree = ast.parse(path.read_text(encoding="utf-8"))
     top = {id(n) for n in tree.body}
     found = []

@@ -93,7 +93,14 @@ def test_inspect(random_bundle, capsys):
     assert main(["inspect", "--json", str(random_bundle)]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["num_labels"] == 5 and data["heads"][1]["offset"] == 2
-    assert data["parameters"] > 0 and data["weight_bytes"] > 0
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(random_bundle / "model.safetensors"), "pt") as f:
+        numel = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    assert data["parameters"] == numel
+    assert data["weight_bytes"] == (random_bundle / "model.safetensors").stat().st_size
 
 
 def test_policy_check(random_bundle, tmp_path, capsys):
@@ -110,3 +117,30 @@ def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "guardmerge", "--version"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == f"guardmerge {guardmerge.__version__}"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dtype", "int3"], "invalid choice: 'int3'"),
+    (["--threads", "0"], "threads: must be >= 1, got 0"),
+    (["--batch-size", "0"], "batch_size: must be >= 1, got 0"),
+    (["--overlap", "9999"], "overlap: must be in [0, 509] for windows of 510 tokens, got 9999"),
+    (["--max-length", "9999"], "max_length: must be in [3, 512]"),
+])
+def test_bad_runtime_options_are_usage_errors_not_clamped(trigger_bundle, policies, capsys,
+                                                          flags, message):
+    code = main(["scan", "--bundle", str(trigger_bundle), "--policy", str(policies[0]), *flags,
+                 "hello"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_option_errors_are_config_errors_and_value_errors(trigger_bundle):
+    from guardmerge import BundleClassifier, ConfigError, RuntimeOptions
+
+    with pytest.raises(ConfigError, match="overlap: must be in") as err:
+        BundleClassifier.from_pretrained(trigger_bundle, overlap=9999)
+    assert isinstance(err.value, ValueError)
+    with pytest.raises(ValueError, match="dtype: unknown dtype 'int3'"):
+        RuntimeOptions(dtype="int3")
+    short = BundleClassifier.from_pretrained(trigger_bundle, max_length=16)
+    assert (short.window_tokens, short.overlap) == (14, 13)  # the default shrinks to fit

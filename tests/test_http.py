@@ -1,120 +1,234 @@
-"""guardmerge's own OpenAI-compatible client: retries, timeouts, faults; with the guard too."""
+"""guardmerge's own OpenAI-compatible client: retries, timeouts, faults; with the guard too.
+
+The retry policy is tested deterministically: an ``httpx.MockTransport`` plays the upstream
+and ``RetryPolicy(sleep=...)`` records the waits instead of sleeping. The loopback server is
+used only where a real socket matters (a stream over chunked HTTP, the SDK's own faults).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import time
+import json
 
+import httpx
 import openai
 import pytest
 
-from guardmerge import FunctionClassifier, Guard, Policy, PromptBlockedError
-from guardmerge import AsyncChatClient, ChatClient, RetryPolicy
-from guardmerge import guard_client
-from guardmerge import UpstreamError, UpstreamTimeout
+from guardmerge import (AsyncChatClient, ChatClient, FunctionClassifier, Guard, Policy,
+                        PromptBlockedError, RetryPolicy, UpstreamError, UpstreamTimeout,
+                        guard_client)
 from guardmerge.testing import OpenAICompatServer
 
-FAST = RetryPolicy(max_attempts=3, max_retry_time=5.0, backoff_initial=0.01, backoff_max=0.05)
 MSG = [{"role": "user", "content": "one two three four five six"}]
+URL = "http://upstream.invalid/v1"
 
 
-@pytest.fixture()
-def server():
-    with OpenAICompatServer(words_per_chunk=2) as srv:
-        yield srv
+def _completion(text: str = "hello") -> dict:
+    return {"id": "c1", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": text}}]}
 
 
-def test_completion_and_stream(server):
-    with ChatClient(server.url, api_key="k", retry=FAST) as c:
+class Upstream:
+    """A scripted upstream: each request takes the next response (or exception) off the script;
+    when the script is empty it answers a completion. Requests are recorded."""
+
+    def __init__(self, *script) -> None:
+        self.script = list(script)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        item = self.script.pop(0) if self.script else httpx.Response(200, json=_completion())
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+def _policy(sleeps: list[float], **kw) -> RetryPolicy:
+    kw = {"max_attempts": 3, "max_retry_time": 5.0, "backoff_initial": 0.01, "backoff_max": 0.05,
+          "jitter": 0.0, **kw}
+    return RetryPolicy(sleep=sleeps.append, **kw)
+
+
+def _client(upstream: Upstream, sleeps: list[float], **kw) -> ChatClient:
+    return ChatClient(URL, api_key="k", retry=_policy(sleeps, **kw),
+                      transport=httpx.MockTransport(upstream))
+
+
+def test_request_body_and_headers():
+    up, sleeps = Upstream(), []
+    with _client(up, sleeps) as c:
+        r = c.chat.completions.create(model="m", messages=MSG, temperature=None, top_p=0.5)
+    assert r == _completion()
+    sent = up.requests[0]
+    assert sent.url == f"{URL}/chat/completions" and sent.headers["authorization"] == "Bearer k"
+    assert json.loads(sent.content) == {"model": "m", "messages": MSG, "top_p": 0.5}
+    assert sleeps == []
+
+
+def test_429_with_retry_after_then_success():
+    up, sleeps = Upstream(httpx.Response(429, headers={"Retry-After": "0.3"})), []
+    with _client(up, sleeps) as c:
+        r = c.chat.completions.create(model="m", messages=MSG)
+    assert r["choices"][0]["message"]["content"] == "hello"
+    assert len(up.requests) == 2 and sleeps == [0.3]  # Retry-After, not our 0.01 s backoff
+
+
+def test_retry_after_ms_and_http_date_are_honoured():
+    when = "Wed, 21 Oct 2015 07:28:00 GMT"  # in the past: retry at once
+    up, sleeps = Upstream(httpx.Response(503, headers={"retry-after-ms": "50"}),
+                          httpx.Response(503, headers={"Retry-After": when})), []
+    with _client(up, sleeps) as c:
+        c.chat.completions.create(model="m", messages=MSG)
+    assert sleeps == [0.05, 0.0] and len(up.requests) == 3
+
+
+def test_500_storm_exhausts_the_bounded_budget_with_exponential_backoff():
+    up, sleeps = Upstream(*[httpx.Response(500, text="boom") for _ in range(10)]), []
+    with _client(up, sleeps) as c, pytest.raises(UpstreamError) as err:
+        c.chat.completions.create(model="m", messages=MSG)
+    assert err.value.status == 500 and err.value.attempts == 3 and err.value.body == "boom"
+    assert len(up.requests) == 3 and "after 3 attempts" in str(err.value)
+    assert sleeps == [0.01, 0.02]
+
+
+def test_backoff_is_capped_and_jitter_stays_within_its_bound():
+    up, sleeps = Upstream(*[httpx.Response(502) for _ in range(6)]), []
+    with _client(up, sleeps, max_attempts=6, backoff_initial=0.1, backoff_max=0.3,
+                 jitter=0.5) as c, pytest.raises(UpstreamError):
+        c.chat.completions.create(model="m", messages=MSG)
+    bases = [0.1, 0.2, 0.3, 0.3, 0.3]
+    assert len(sleeps) == 5 and all(b <= s <= 1.5 * b for s, b in zip(sleeps, bases))
+
+
+def test_retry_after_beyond_the_budget_gives_up_at_once():
+    up, sleeps = Upstream(*[httpx.Response(503, headers={"Retry-After": "60"})] * 3), []
+    with _client(up, sleeps) as c, pytest.raises(UpstreamError) as err:
+        c.chat.completions.create(model="m", messages=MSG)
+    assert err.value.status == 503 and len(up.requests) == 1 and sleeps == []
+
+
+def test_other_4xx_is_not_retried():
+    up, sleeps = Upstream(httpx.Response(400, json={"error": {"message": "bad field"}})), []
+    with _client(up, sleeps) as c, pytest.raises(UpstreamError) as err:
+        c.chat.completions.create(model="m", messages=MSG)
+    assert err.value.status == 400 and "bad field" in err.value.body
+    assert len(up.requests) == 1 and sleeps == []
+
+
+@pytest.mark.parametrize("status", [408, 409, 429, 500, 502, 503, 504])
+def test_retryable_statuses(status):
+    up, sleeps = Upstream(httpx.Response(status)), []
+    with _client(up, sleeps) as c:
+        c.chat.completions.create(model="m", messages=MSG)
+    assert len(up.requests) == 2 and len(sleeps) == 1
+
+
+def test_connection_errors_and_timeouts_are_retried_then_translated():
+    up, sleeps = Upstream(*[httpx.ConnectError("refused")] * 3), []
+    with _client(up, sleeps) as c, pytest.raises(UpstreamError, match="connection failed") as err:
+        c.chat.completions.create(model="m", messages=MSG)
+    assert err.value.status is None and err.value.attempts == 3 and len(sleeps) == 2
+    up, sleeps = Upstream(httpx.ReadTimeout("slow"), httpx.ReadTimeout("slow")), []
+    with _client(up, sleeps, max_attempts=2) as c, pytest.raises(UpstreamTimeout) as err:
+        c.chat.completions.create(model="m", messages=MSG)
+    assert err.value.attempts == 2 and len(up.requests) == 2
+
+
+def test_malformed_json_is_an_upstream_error():
+    up, sleeps = Upstream(httpx.Response(200, text='{"id": "x", "choices": [ {oops')), []
+    with _client(up, sleeps) as c, pytest.raises(UpstreamError, match="malformed JSON"):
+        c.chat.completions.create(model="m", messages=MSG)
+    assert len(up.requests) == 1
+
+
+def _sse(*events: str, done: bool = True) -> bytes:
+    body = "".join(f"data: {e}\n\n" for e in events)
+    return (body + ("data: [DONE]\n\n" if done else "")).encode()
+
+
+def _chunk(text: str) -> str:
+    return json.dumps({"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                       "choices": [{"index": 0, "delta": {"content": text},
+                                    "finish_reason": None}]})
+
+
+class _Broken(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A body that sends one event and then loses the connection."""
+
+    def __init__(self, first: bytes) -> None:
+        self.first = first
+
+    def __iter__(self):
+        yield self.first
+        raise httpx.ReadError("connection reset")
+
+    async def __aiter__(self):
+        yield self.first
+        raise httpx.ReadError("connection reset")
+
+
+def test_stream_faults():
+    ok = httpx.Response(200, content=_sse(_chunk("a"), _chunk("b")),
+                        headers={"content-type": "text/event-stream"})
+    cut = httpx.Response(200, content=_sse(_chunk("a"), done=False))
+    dropped = httpx.Response(200, stream=_Broken(_sse(_chunk("a"), done=False)))
+    error = httpx.Response(200, content=_sse(json.dumps({"error": {"message": "overloaded"}})))
+    up, sleeps = Upstream(ok, cut, dropped, error), []
+    with _client(up, sleeps) as c:
+        chunks = list(c.chat.completions.create(model="m", messages=MSG, stream=True))
+        assert "".join(ch["choices"][0]["delta"]["content"] for ch in chunks) == "ab"
+        with pytest.raises(UpstreamError, match="ended before"):
+            list(c.chat.completions.create(model="m", messages=MSG, stream=True))
+        with pytest.raises(UpstreamError, match="dropped mid-stream"):
+            list(c.chat.completions.create(model="m", messages=MSG, stream=True))
+        with pytest.raises(UpstreamError, match="overloaded"):
+            list(c.chat.completions.create(model="m", messages=MSG, stream=True))
+    assert json.loads(up.requests[0].content)["stream"] is True
+
+
+def test_a_stream_is_retried_only_before_its_first_byte():
+    up, sleeps = Upstream(httpx.Response(429), httpx.Response(200, content=_sse(_chunk("x")))), []
+    with _client(up, sleeps) as c:
+        chunks = list(c.chat.completions.create(model="m", messages=MSG, stream=True))
+    assert len(up.requests) == 2 and chunks[0]["choices"][0]["delta"]["content"] == "x"
+
+
+def test_async_client_retries_and_streams():
+    recorded: list[float] = []
+
+    async def asleep(seconds: float) -> None:
+        recorded.append(seconds)
+
+    async def main():
+        up = Upstream(httpx.Response(429, headers={"retry-after-ms": "50"}),
+                      httpx.Response(200, json=_completion("async")),
+                      httpx.Response(200, content=_sse(_chunk("s"), _chunk("ix"))),
+                      httpx.Response(200, stream=_Broken(_sse(_chunk("a"), done=False))))
+        retry = RetryPolicy(max_attempts=3, backoff_initial=0.01, sleep=asleep)
+        async with AsyncChatClient(URL, retry=retry, transport=httpx.MockTransport(up)) as c:
+            r = await c.chat.completions.create(model="m", messages=MSG)
+            assert r["choices"][0]["message"]["content"] == "async"
+            stream = await c.chat.completions.create(model="m", messages=MSG, stream=True)
+            assert "".join([ch["choices"][0]["delta"]["content"] async for ch in stream]) == "six"
+            stream = await c.chat.completions.create(model="m", messages=MSG, stream=True)
+            with pytest.raises(UpstreamError, match="dropped mid-stream"):
+                [ch async for ch in stream]
+        return up
+
+    up = asyncio.run(main())
+    assert len(up.requests) == 4 and recorded == [0.05]
+
+
+def test_completion_and_stream_over_a_real_socket():
+    with OpenAICompatServer(words_per_chunk=2) as server, ChatClient(server.url) as c:
         r = c.chat.completions.create(model="m", messages=MSG)
         assert r["choices"][0]["message"]["content"] == "You said: one two three four five six"
         chunks = list(c.chat.completions.create(model="m", messages=MSG, stream=True))
         assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks) == \
             "You said: one two three four five six"
-
-
-def test_429_with_retry_after_then_success(server):
-    server.script.append({"status": 429, "headers": {"Retry-After": "0.3"}})
-    with ChatClient(server.url, retry=FAST) as c:
-        start = time.monotonic()
-        r = c.chat.completions.create(model="m", messages=MSG)
-        elapsed = time.monotonic() - start
-    assert r["choices"][0]["message"]["content"].startswith("You said")
-    assert len(server.requests) == 2
-    assert elapsed >= 0.3  # Retry-After honoured (our own backoff would be ~0.01 s)
-
-
-def test_500_storm_exhausts_the_bounded_budget(server):
-    server.script.extend({"status": 500} for _ in range(10))
-    with ChatClient(server.url, retry=FAST) as c, pytest.raises(UpstreamError) as err:
-        c.chat.completions.create(model="m", messages=MSG)
-    assert err.value.status == 500 and err.value.attempts == 3
-    assert len(server.requests) == 3 and "after 3 attempts" in str(err.value)
-
-
-def test_retry_after_beyond_the_budget_gives_up_at_once(server):
-    server.script.extend({"status": 503, "headers": {"Retry-After": "60"}} for _ in range(3))
-    with ChatClient(server.url, retry=FAST) as c:
-        start = time.monotonic()
-        with pytest.raises(UpstreamError) as err:
-            c.chat.completions.create(model="m", messages=MSG)
-    assert err.value.status == 503 and time.monotonic() - start < 2 and len(server.requests) == 1
-
-
-def test_other_4xx_is_not_retried(server):
-    server.script.append({"status": 400})
-    with ChatClient(server.url, retry=FAST) as c, pytest.raises(UpstreamError) as err:
-        c.chat.completions.create(model="m", messages=MSG)
-    assert err.value.status == 400 and "injected fault" in err.value.body
-    assert len(server.requests) == 1
-
-
-def test_connection_dropped_mid_stream(server):
-    server.script.append({"drop_after": 1})
-    with ChatClient(server.url, retry=FAST) as c:
-        stream = c.chat.completions.create(model="m", messages=MSG, stream=True)
-        with pytest.raises(UpstreamError, match="dropped mid-stream"):
-            list(stream)
-
-
-def test_slow_upstream_hits_the_timeout(server):
-    server.script.extend({"delay": 2.0} for _ in range(3))
-    with ChatClient(server.url, timeout=0.3, retry=RetryPolicy(max_attempts=2, backoff_initial=0.01)) as c:
-        start = time.monotonic()
-        with pytest.raises(UpstreamTimeout) as err:
-            c.chat.completions.create(model="m", messages=MSG)
-    assert err.value.attempts == 2 and time.monotonic() - start < 2.0
-
-
-def test_malformed_json(server):
-    server.script.append({"malformed": True})
-    with ChatClient(server.url, retry=FAST) as c, pytest.raises(UpstreamError, match="malformed JSON"):
-        c.chat.completions.create(model="m", messages=MSG)
-
-
-def test_nothing_listening_is_a_connection_error():
-    with ChatClient("http://127.0.0.1:9/v1", retry=FAST) as c, \
-            pytest.raises(UpstreamError, match="connection failed") as err:
-        c.chat.completions.create(model="m", messages=MSG)
-    assert err.value.status is None and err.value.attempts == 3
-
-
-def test_async_client_retries_and_streams(server):
-    async def main():
-        server.script.append({"status": 429, "headers": {"retry-after-ms": "50"}})
-        async with AsyncChatClient(server.url, retry=FAST) as c:
-            r = await c.chat.completions.create(model="m", messages=MSG)
-            assert r["choices"][0]["message"]["content"].startswith("You said")
-            stream = await c.chat.completions.create(model="m", messages=MSG, stream=True)
-            text = "".join([ch["choices"][0]["delta"].get("content", "") async for ch in stream])
-            assert text.endswith("six")
-            server.script.append({"drop_after": 1})
-            stream = await c.chat.completions.create(model="m", messages=MSG, stream=True)
-            with pytest.raises(UpstreamError):
-                [ch async for ch in stream]
-
-    asyncio.run(main())
-    assert len(server.requests) == 4
+        assert len(chunks) == 6  # role, 3 pieces of 2 words (+ "You said:"), stop
 
 
 def _guard():
@@ -125,36 +239,45 @@ def _guard():
         "output: {rules: [{head: jailbreak, labels: [jailbreak], block: 0.9}]}\n"))
 
 
-def test_guard_wraps_our_own_client(server):
-    with ChatClient(server.url, retry=FAST) as c:
+def test_guard_wraps_our_own_client():
+    dropped = httpx.Response(200, stream=_Broken(_sse(_chunk("a"), done=False)))
+    up, sleeps = Upstream(httpx.Response(200, json=_completion("fine")),
+                          httpx.Response(200, content=_sse(_chunk("fi"), _chunk("ne"))),
+                          dropped), []
+    with _client(up, sleeps) as c:
         guarded = guard_client(c, _guard(), on_block="refuse")
         r = guarded.chat.completions.create(model="m", messages=MSG)
-        assert isinstance(r, dict) and r["choices"][0]["message"]["content"].startswith("You said")
+        assert isinstance(r, dict) and r["choices"][0]["message"]["content"] == "fine"
         r = guarded.chat.completions.create(model="m", messages=[{"role": "user", "content": "xyzzy"}])
         assert r["choices"][0]["finish_reason"] == "content_filter"
+        assert len(up.requests) == 1  # the blocked prompt never went upstream
         chunks = list(guarded.chat.completions.create(model="m", messages=MSG, stream=True))
-        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
-        server.script.append({"drop_after": 1})
-        with pytest.raises(UpstreamError):
+        assert "".join(ch["choices"][0]["delta"]["content"] for ch in chunks) == "fine"
+        with pytest.raises(UpstreamError, match="dropped mid-stream"):
             list(guarded.chat.completions.create(model="m", messages=MSG, stream=True))
 
 
-def test_sdk_faults_pass_through_the_guard_as_sdk_errors(server):
-    guarded = guard_client(openai.OpenAI(base_url=server.url, api_key="k", max_retries=1,
-                                         timeout=0.5), _guard())
-    server.script.extend([{"status": 429, "headers": {"Retry-After": "0.1"}}])
-    assert guarded.chat.completions.create(model="m", messages=MSG).choices[0].message.content
-    server.script.extend({"status": 500} for _ in range(2))
-    with pytest.raises(openai.InternalServerError):
-        guarded.chat.completions.create(model="m", messages=MSG)
-    server.script.extend({"delay": 2.0} for _ in range(2))
-    with pytest.raises(openai.APITimeoutError):
-        guarded.chat.completions.create(model="m", messages=MSG)
-    server.script.append({"drop_after": 1})
-    with pytest.raises(openai.APIError):
-        list(guarded.chat.completions.create(model="m", messages=MSG, stream=True))
-    server.script.append({"malformed": True})
-    with pytest.raises((openai.APIError, ValueError)):
-        guarded.chat.completions.create(model="m", messages=MSG)
-    with pytest.raises(PromptBlockedError):
-        guarded.chat.completions.create(model="m", messages=[{"role": "user", "content": "xyzzy"}])
+def test_sdk_faults_pass_through_the_guard_as_sdk_errors():
+    """Socket-level faults with the real SDK: they reach the caller as the SDK's own errors."""
+    with OpenAICompatServer(words_per_chunk=2) as server:
+        guarded = guard_client(openai.OpenAI(base_url=server.url, api_key="k", max_retries=1,
+                                             timeout=0.5), _guard())
+        server.script.extend([{"status": 429, "headers": {"Retry-After": "0.1"}}])
+        assert guarded.chat.completions.create(model="m", messages=MSG).choices[0].message.content
+        assert len(server.requests) == 2
+        server.script.extend({"status": 500} for _ in range(2))
+        with pytest.raises(openai.InternalServerError):
+            guarded.chat.completions.create(model="m", messages=MSG)
+        server.script.extend({"delay": 2.0} for _ in range(2))
+        with pytest.raises(openai.APITimeoutError):
+            guarded.chat.completions.create(model="m", messages=MSG)
+        server.script.append({"drop_after": 1})
+        with pytest.raises(openai.APIConnectionError):
+            list(guarded.chat.completions.create(model="m", messages=MSG, stream=True))
+        server.script.append({"malformed": True})
+        with pytest.raises(json.JSONDecodeError):  # what openai 1.x+ raises for a broken body
+            guarded.chat.completions.create(model="m", messages=MSG)
+        before = len(server.requests)
+        with pytest.raises(PromptBlockedError):
+            guarded.chat.completions.create(model="m", messages=[{"role": "user", "content": "xyzzy"}])
+        assert len(server.requests) == before

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from guardmerge import Action, FunctionClassifier, Guard, Policy, PolicyError, inspect_bundle
+from guardmerge import (Action, FunctionClassifier, Guard, Policy, PolicyError, Rule,
+                        inspect_bundle)
 from guardmerge.testing import TRIGGER, random_text
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
@@ -224,3 +225,20 @@ def test_guard_binds_policy_to_classifier_heads():
     clf = FunctionClassifier({"spam": ["ham", "spam"]}, lambda t: {})
     with pytest.raises(PolicyError, match="unknown head 'jailbreak'"):
         Guard(clf, Policy.load(POLICIES / "default.yaml"))
+
+
+def test_a_policy_built_with_its_constructor_works_in_a_guard():
+    from guardmerge.policy import DirectionRules
+
+    rule = Rule(id="jb", head="jailbreak", labels=("jailbreak",), flag=0.5, block=0.9)
+    policy = Policy(name="built", input=DirectionRules(roles=("user",), rules=(rule,)),
+                    output=DirectionRules(roles=("assistant",)))
+    guard = Guard(_scores(), policy)
+    assert guard.policy is policy
+    assert guard.check_text("hello JB").blocked and guard.check_text("hello MID").flagged
+    assert guard.check_text("hello").passed
+    wrong = Policy(name="wrong", input=DirectionRules(roles=("user",), rules=(
+        Rule(id="x", head="jailbreak", labels=("evil",), flag=0.5, block=None),)),
+        output=DirectionRules(roles=("assistant",)))
+    with pytest.raises(PolicyError, match="head 'jailbreak' has no label 'evil'"):
+        Guard(_scores(), wrong)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from guardmerge import BundleClassifier
+from guardmerge import BundleClassifier, ConfigError
 from guardmerge.merge import (Example, MergeRecipe, SearchOptions, evaluate, read_results,
                               run_search)
 from guardmerge.merge.search import TrialContext, trial_densities
@@ -100,13 +100,13 @@ def test_resume_after_interruption(case, tmp_path):
                       save_best=False, compare_sources=False, report=False)
     run_search(case["recipe"], [case["data"]], out, SearchOptions(trials=2, seed=2), dtype="float32",
                save_best=False, compare_sources=False, report=False)
-    with pytest.raises(Exception, match="different search"):  # spec differs: refused
+    with pytest.raises(ConfigError, match="different search"):  # options differ: refused
         run_search(case["recipe"], [case["data"]], out, spec, dtype="float32", resume=True,
                    save_best=False, compare_sources=False, report=False)
     # simulate an interruption of the 4-trial search after 2 trials and a half-written line
     lines = (tmp_path / "full" / "trials.jsonl").read_text().splitlines()
     (out / "trials.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
-    with pytest.raises(Exception, match="already exists"):
+    with pytest.raises(ConfigError, match="already exists"):
         run_search(case["recipe"], [case["data"]], out, spec, dtype="float32",
                    save_best=False, compare_sources=False, report=False)
     resumed = run_search(case["recipe"], [case["data"]], out, spec, dtype="float32", resume=True,
@@ -115,19 +115,6 @@ def test_resume_after_interruption(case, tmp_path):
     _, a = read_results(out / "trials.jsonl")
     _, b = read_results(tmp_path / "full" / "trials.jsonl")
     assert [(t.trial, t.densities, t.score) for t in a] == [(t.trial, t.densities, t.score) for t in b]
-
-
-def test_worker_count_does_not_change_results(case, tmp_path):
-    spec = SearchOptions(trials=4, seed=5)
-    one = run_search(case["recipe"], [case["data"]], tmp_path / "w1", spec, dtype="float32",
-                     save_best=False, compare_sources=False, report=False)
-    two = run_search(case["recipe"], [case["data"]], tmp_path / "w2", spec, dtype="float32",
-                     workers=2, save_best=False, compare_sources=False, report=False)
-    _, a = read_results(tmp_path / "w1" / "trials.jsonl")
-    _, b = read_results(tmp_path / "w2" / "trials.jsonl")
-    assert [(t.trial, t.seed, t.densities, t.heads) for t in a] == \
-        [(t.trial, t.seed, t.densities, t.heads) for t in b]
-    assert one["best"] == two["best"]
 
 
 def test_cli_search(case, tmp_path, capsys):
@@ -156,7 +143,6 @@ def test_report_without_matplotlib_still_has_the_numbers(case, tmp_path, monkeyp
 
 
 def test_screen_subset_is_stratified_exact_and_seeded():
-    from guardmerge import ConfigError
     from guardmerge.merge.search import screen_subset
 
     examples = ([Example(f"j{i}", "jb", "jailbreak") for i in range(30)]

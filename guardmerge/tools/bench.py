@@ -310,6 +310,8 @@ def cli(*, repeats: int = 10) -> dict[str, Any]:
             walls.append(time.perf_counter() - t)
             if argv is not None:
                 rc, secs, has_torch, has_tf = out.stdout.split()
+                if rc != "0":
+                    raise RuntimeError(f"{label} exited with {rc}")
                 inner.append(float(secs))
                 flags = (has_torch == "True", has_tf == "True")
         row = {"process_s": statistics.median(walls),
