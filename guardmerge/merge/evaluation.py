@@ -37,7 +37,9 @@ class Example:
     line: int = 0
 
 
-def _rows(path: Path) -> Iterable[tuple[int, Any]]:
+def read_rows(path: Path, *, plain: bool = False) -> Iterable[tuple[int, Any]]:
+    """(line number, row) of a JSONL / CSV / TSV file; a JSON error is yielded as the row.
+    ``plain``: other suffixes are plain text, one ``{"text": line}`` row per non-empty line."""
     suffix = path.suffix.lower()
     with open(path, encoding="utf-8", newline="") as fh:
         if suffix in (".jsonl", ".json", ".ndjson"):
@@ -52,6 +54,10 @@ def _rows(path: Path) -> Iterable[tuple[int, Any]]:
             reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
             for row in reader:
                 yield reader.line_num, row
+        elif plain:
+            for n, line in enumerate(fh, start=1):
+                if line.strip():
+                    yield n, {"text": line.rstrip("\r\n")}
         else:
             raise DataError(f"{path}: unknown data format {suffix!r} (use .jsonl or .csv)")
 
@@ -66,7 +72,7 @@ def load_examples(paths: Sequence[str | os.PathLike[str]], *, heads: Sequence[He
         if not path.exists():
             problems.append(f"{path}: no such file")
             continue
-        for line, row in _rows(path):
+        for line, row in read_rows(path):
             where = f"{path}:{line}"
             if isinstance(row, Exception):
                 problems.append(f"{where}: not valid JSON ({row})")

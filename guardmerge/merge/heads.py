@@ -6,7 +6,9 @@ head), so every model has the same shapes (the paper's HM3 expansion). The padde
 either merged by the recipe's method (``head_mode: merge``, the paper) or taken from the model
 that owns them (``owner``: the rows are disjoint, so their sum is an exact copy).
 
-This is the one implementation of both steps; the on-disk merge and the in-memory search call it.
+``refit`` starts from the owners' rows and then re-fits them on the merged encoder
+(``refit.py``). This is the one implementation of these steps; the on-disk merge and the
+in-memory search call it.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ def merge_head_rows(mode: HeadMode, method: "str | Method", expanded: Sequence[t
                     seed: int, name: str) -> torch.Tensor:
     """The merged output-layer tensor ``name`` from the sources' expanded tensors (float32).
 
-    ``owner``: each head's rows exactly as its source has them. ``merge``: the rows go through
-    ``method`` against the base's all-zero head, like any other tensor.
+    ``owner`` (and ``refit``, before its fit): each head's rows exactly as its source has
+    them. ``merge``: the rows go through ``method`` against the base's all-zero head, like any
+    other tensor.
     """
-    if HeadMode(mode) is HeadMode.OWNER:
+    if HeadMode(mode) in (HeadMode.OWNER, HeadMode.REFIT):
         return torch.stack(list(expanded)).sum(dim=0)  # rows are disjoint: an exact copy
     return merge_tensor(method, torch.zeros_like(expanded[0]), list(expanded), weights, densities,
                         lam=lam, seed=seed, name=name)

@@ -13,6 +13,8 @@ densities ``p_i`` and a global ``lambda`` (DESIGN.md, "Merge semantics"):
 - ``dare_ties`` (https://arxiv.org/abs/2311.03099): DARE drop-and-rescale instead of the trim,
   then the same election and disjoint mean.
 - ``dare_linear``: DARE, then ``B + lambda * sum w_i t_i``.
+- ``regmean`` (https://arxiv.org/abs/2212.09849): linear layers by regression on calibration
+  statistics (``regmean.py``); every other tensor as ``linear``.
 
 The work is done on flat blocks of ``CHUNK`` elements (1 MiB of float32), so the chain of
 element-wise steps runs in cache; only the TIES trim needs the whole tensor (its top-k mask).
@@ -51,6 +53,8 @@ class Method:
     sign_election: bool    # TIES' elected sign and disjoint mean (else a plain weighted sum)
     uses_base: bool        # task vectors against the base (False: a weighted mean of sources)
     paper: str
+    data_aware: bool = False  # linear layers solved from calibration statistics (RegMean);
+                              # every other tensor: the weighted mean of the sources
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -64,6 +68,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            paper="https://arxiv.org/abs/2311.03099"),
     Method(name="dare_linear", sparsify=Sparsify.DARE, sign_election=False, uses_base=True,
            paper="https://arxiv.org/abs/2311.03099"),
+    Method(name="regmean", sparsify=Sparsify.NONE, sign_election=False, uses_base=False,
+           paper="https://arxiv.org/abs/2212.09849", data_aware=True),
 )}
 
 

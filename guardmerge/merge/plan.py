@@ -461,7 +461,15 @@ class MergePlan:
 
     def _hash(self, key: str, files: Sequence[Path]) -> str:
         fut = self._hashes.get(key)
-        return fut.result() if fut is not None else hash_files(files)
+        if fut is None:  # not started in the background: compute it once, here
+            fut = self._hashes[key] = Future()
+            fut.set_result(hash_files(files))
+        return fut.result()
+
+    def source_sha256(self, i: int) -> str:
+        """The content hash of source ``i``'s weights (keys caches of its statistics)."""
+        s = self.sources[i]
+        return self._hash(s.spec.model, s.index.files)
 
     def final_heads(self) -> tuple[Head, ...]:
         by_model = {s.spec.model: s for s in self.sources}

@@ -2,11 +2,20 @@
 
     base: ./bert-base-uncased            # bare encoder (BertModel / BertForMaskedLM) or classifier
     method: dare_ties                    # linear | task_arithmetic | ties | dare_ties | dare_linear
+                                         # | regmean (needs calibration)
     head_mode: merge                     # merge: head rows go through the method (the paper)
                                          # owner: each head's rows copied from the model owning them
+                                         # refit: re-fitted to each source's outputs (calibration)
     seed: 0
     dtype: float32                       # output weights: float32 | bfloat16 | float16
-    parameters: {lambda: 1.0, weight: 1.0, density: 0.5}   # defaults for every model
+    parameters: {lambda: 1.0, weight: 1.0, density: 0.5, alpha: 0.9}   # defaults for every model
+    calibration:                         # unlabelled texts for regmean / refit
+      texts: calib.jsonl                 # JSONL (text, optional head), CSV or plain lines; or a list
+      limit: 2000                        # at most this many texts (a hash-spread sample)
+      max_length: 128                    # tokens per text when running the models
+      per_source: 300                    # RegMean: texts per source (those naming its head first)
+      cache: .cache/guardmerge           # where statistics are kept (default: ~/.cache/guardmerge)
+    refit: {texts: 2000, temperature: 1.0, pull: 0.001}   # head_mode: refit
     models:
       - model: ./jailbreak-classifier    # local folder or Hub id
         head: jailbreak                  # head name (default: from the model id)
@@ -30,7 +39,8 @@ from ..exceptions import RecipeError
 from ..labels import HEAD_NAME, duplicates
 from .methods import METHODS
 
-__all__ = ["MergeRecipe", "ModelSpec", "HeadMode", "load_recipe", "OUTPUT_DTYPES"]
+__all__ = ["MergeRecipe", "ModelSpec", "HeadMode", "CalibrationSpec", "RefitSpec", "load_recipe",
+           "OUTPUT_DTYPES"]
 
 
 class HeadMode(str, Enum):
@@ -38,12 +48,43 @@ class HeadMode(str, Enum):
 
     MERGE = "merge"    # the padded head rows go through the merge method (the paper)
     OWNER = "owner"    # each head's rows are copied from the model that owns them
+    REFIT = "refit"    # re-fitted to each source's outputs on calibration texts (merge/refit.py)
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Where the unlabelled calibration texts come from and how they are run."""
+
+    texts: tuple[str, ...]
+    limit: int | None = None
+    max_length: int = 128
+    per_source: int = 300
+    cache: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"texts": list(self.texts), "limit": self.limit, "max_length": self.max_length,
+                "per_source": self.per_source, "cache": self.cache}
+
+
+@dataclass(frozen=True)
+class RefitSpec:
+    """``head_mode: refit``: how many calibration texts, the distillation temperature, and the
+    pull toward each source's own rows."""
+
+    texts: int = 2000
+    temperature: float = 1.0
+    pull: float = 1e-3
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"texts": self.texts, "temperature": self.temperature, "pull": self.pull}
 
 
 OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
 _TOP = {"base", "base_revision", "method", "head_mode", "seed", "dtype", "parameters", "models",
-        "name"}
-_PARAMS = {"lambda", "weight", "density"}
+        "name", "calibration", "refit"}
+_PARAMS = {"lambda", "weight", "density", "alpha"}
+_CALIBRATION = {"texts", "limit", "max_length", "per_source", "cache"}
+_REFIT = {"texts", "temperature", "pull"}
 _MODEL = {"model", "revision", "head", "labels", "weight", "density"}
 
 
@@ -66,9 +107,16 @@ class MergeRecipe:
     seed: int = 0
     dtype: str = "float32"
     lam: float = 1.0
+    alpha: float = 0.9
     base_revision: str | None = None
     name: str | None = None
+    calibration: CalibrationSpec | None = None
+    refit: RefitSpec = RefitSpec()
     source: str = field(default="<recipe>", compare=False)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "regmean" or self.head_mode is HeadMode.REFIT
 
     @property
     def self_merge(self) -> bool:
@@ -91,7 +139,9 @@ class MergeRecipe:
             "head_mode": self.head_mode.value,
             "seed": self.seed,
             "dtype": self.dtype,
-            "parameters": {"lambda": self.lam},
+            "parameters": {"lambda": self.lam, "alpha": self.alpha},
+            "calibration": self.calibration.to_dict() if self.calibration else None,
+            "refit": self.refit.to_dict() if self.head_mode is HeadMode.REFIT else None,
             "models": [
                 {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(m).items()}
                 for m in self.models
@@ -134,6 +184,17 @@ class MergeRecipe:
         dweight = c.number(params.get("weight", 1.0), "parameters.weight", lo=0.0, lo_open=True)
         ddensity = c.number(params.get("density", 1.0), "parameters.density", lo=0.0, hi=1.0,
                             lo_open=True)
+        alpha = c.number(params.get("alpha", 0.9), "parameters.alpha", lo=0.0, hi=1.0,
+                         lo_open=True)
+        calibration = _calibration(c, top["calibration"]) if top.get("calibration") is not None \
+            else None
+        refit = _refit(c, top["refit"]) if top.get("refit") is not None else RefitSpec()
+        if calibration is None and "calibration" not in top:
+            for key, value, what in (("method", method, "regmean"),
+                                     ("head_mode", head_mode, HeadMode.REFIT.value)):
+                if value == what:
+                    c.add(key, f"{what} needs calibration texts: add a 'calibration' section "
+                          "(calibration: {texts: FILE})")
 
         models: list[ModelSpec] = []
         raw_models = top.get("models")
@@ -175,11 +236,39 @@ class MergeRecipe:
                 models.append(ModelSpec(model=model, head=head, labels=labels, weight=weight,
                                         density=density, revision=revision))
         c.raise_if_any(RecipeError)
-        assert base is not None and lam is not None and seed is not None
+        assert base is not None and lam is not None and seed is not None and alpha is not None
         return cls(base=base, models=tuple(models), method=method,
-                   head_mode=HeadMode(head_mode),
-                   seed=seed, dtype=dtype, lam=lam, base_revision=base_revision, name=name,
+                   head_mode=HeadMode(head_mode), seed=seed, dtype=dtype, lam=lam, alpha=alpha,
+                   base_revision=base_revision, name=name, calibration=calibration, refit=refit,
                    source=source)
+
+
+def _calibration(c: Checker, raw: Any) -> CalibrationSpec | None:
+    sec = c.mapping(raw, "calibration", required=("texts",), allowed=_CALIBRATION)
+    if sec is None:
+        return None
+    texts = c.string_list(sec.get("texts"), "calibration.texts") if "texts" in sec else None
+    limit = sec.get("limit")
+    if limit is not None:
+        limit = c.integer(limit, "calibration.limit", lo=1)
+    max_length = c.integer(sec.get("max_length", 128), "calibration.max_length", lo=3)
+    per_source = c.integer(sec.get("per_source", 300), "calibration.per_source", lo=1)
+    cache = sec.get("cache")
+    if cache is not None:
+        cache = c.string(cache, "calibration.cache")
+    if texts is None or max_length is None or per_source is None:
+        return None
+    return CalibrationSpec(texts=tuple(texts), limit=limit, max_length=max_length,
+                           per_source=per_source, cache=cache)
+
+
+def _refit(c: Checker, raw: Any) -> RefitSpec:
+    sec = c.mapping(raw, "refit", allowed=_REFIT) or {}
+    texts = c.integer(sec.get("texts", 2000), "refit.texts", lo=1)
+    temperature = c.number(sec.get("temperature", 1.0), "refit.temperature", lo=0.0, lo_open=True)
+    pull = c.number(sec.get("pull", 1e-3), "refit.pull", lo=0.0)
+    return RefitSpec(texts=texts or 2000, temperature=temperature or 1.0,
+                     pull=1e-3 if pull is None else pull)
 
 
 def load_recipe(recipe: "MergeRecipe | Mapping[str, Any] | str | os.PathLike[str]") -> MergeRecipe:

@@ -21,21 +21,25 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator, Mapping
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from .._atomic import atomic_directory
 from .._progress import progress
+from .._safetensors import read_header
 from ..bundle import copy_tokenizer, write_manifest
+from .activations import load_model
+from .fitting import calibration_for, refit_heads, refit_targets, regmean_statistics
 from .methods import Sparsify, block_keeps, get_method, linear_block, magnitude_masks, merge_block
 from .options import MergeOptions
 from .plan import DTYPE_TO_ST, ST_TO_DTYPE, MergePlan, TensorSpec, storage_dtype
-from .recipe import MergeRecipe, load_recipe
+from .recipe import HeadMode, MergeRecipe, load_recipe
+from .regmean import regmean
 from .sparsify import CHUNK, dare_generator
+from .statistics import GramStatistics
 
-__all__ = ["MergeOptions", "merge", "BlockMerger", "StreamingWriter", "TensorSpec",
-           "write_support_files"]
+__all__ = ["merge", "BlockMerger", "StreamingWriter", "write_support_files", "patch_tensors"]
 
 logger = logging.getLogger("guardmerge.merge")
 
@@ -48,9 +52,25 @@ class BlockMerger:
     ``merge_tensor``; the yielded blocks are fresh tensors (a writer may queue them).
     """
 
-    def __init__(self, plan: MergePlan) -> None:
+    def __init__(self, plan: MergePlan, statistics: Sequence[GramStatistics] | None = None) -> None:
         self.plan = plan
+        self.statistics = list(statistics) if statistics else []
         self._local = threading.local()
+
+    def _regmean(self, name: str) -> torch.Tensor | None:
+        """RegMean's solution for a linear layer's weight (None: not a RegMean tensor)."""
+        plan = self.plan
+        module = name[:-len(".weight")] if name.endswith(".weight") else None
+        if not self.statistics or module not in self.statistics[0].rows:
+            return None
+        if name in plan.head_tensors:
+            if plan.recipe.head_mode is not HeadMode.MERGE:
+                return None  # owner / refit rows
+            weights = plan.head_rows(name)
+        else:
+            weights = [plan.source_tensor(i, name).float() for i in range(len(plan.sources))]
+        return regmean(weights, [st.gram(module) for st in self.statistics],
+                       alpha=plan.recipe.alpha, scales=plan.weights)
 
     def _buffer(self, slot: Any, st_dtype: str) -> torch.Tensor:
         cache = getattr(self._local, "b", None)
@@ -72,6 +92,10 @@ class BlockMerger:
         spec = plan.specs[name]
         if not spec.dtype.is_floating_point:
             yield plan.buffer_tensor(name).reshape(-1)
+            return
+        solved = self._regmean(name)
+        if solved is not None:
+            yield solved.to(spec.dtype).reshape(-1)
             return
         if name in plan.head_tensors:
             yield plan.merged_head(name).to(spec.dtype).reshape(-1)
@@ -231,12 +255,53 @@ class StreamingWriter:
             self._fh.close()
 
 
-def write_support_files(plan: MergePlan, folder: Path) -> None:
+def write_support_files(plan: MergePlan, folder: Path,
+                        extra: Mapping[str, Any] | None = None) -> None:
     """``config.json`` (re-labelled for the merged heads), the tokenizer and the manifest."""
     (folder / "config.json").write_text(json.dumps(plan.config(), indent=2, sort_keys=True)
                                         + "\n", encoding="utf-8")
     copy_tokenizer(plan.sources[0].folder, folder)
-    write_manifest(folder, plan.final_heads(), plan.recipe.to_dict(), extra=plan.manifest_extra())
+    write_manifest(folder, plan.final_heads(), plan.recipe.to_dict(),
+                   extra={**plan.manifest_extra(), **(extra or {})})
+
+
+def patch_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Overwrite tensors of a safetensors file in place (same names, dtypes and shapes)."""
+    header = read_header(path)
+    with open(path, "r+b") as fh:
+        for name, tensor in tensors.items():
+            info = header.tensors.get(name)
+            if info is None:
+                raise KeyError(f"{path}: no tensor {name!r} to overwrite")
+            t = tensor.detach().contiguous().cpu()
+            if DTYPE_TO_ST[t.dtype] != info["dtype"] or list(t.shape) != list(info["shape"]):
+                raise ValueError(f"{path}: tensor {name!r} is {info['dtype']} {info['shape']}, "
+                                 f"got {DTYPE_TO_ST[t.dtype]} {list(t.shape)}")
+            t = t.view(storage_dtype(t.dtype)) if t.dtype in (torch.bfloat16, torch.bool) else t
+            fh.seek(header.data_start + info["data_offsets"][0])
+            fh.write(memoryview(t.numpy()).cast("B"))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _stream(plan: MergePlan, merger: BlockMerger, path: Path, show_progress: bool) -> None:
+    """Merge every tensor into ``path``, one torch thread for the maths.
+
+    The writer and the hasher run their own threads beside it; torch's intra-op threads on top
+    of those oversubscribe the cores, and spinning OpenMP workers made a 2-core merge about
+    twice as slow (measured). Restored at the end.
+    """
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        metadata = {"format": "pt", "guardmerge_method": plan.recipe.method}
+        with progress(len(plan.names), "merging", enabled=show_progress, unit="tensor") as bar, \
+                StreamingWriter(path, plan.specs, metadata) as writer:
+            for name in plan.names:
+                writer.write(name, merger.blocks(name))
+                bar.update(1)
+    finally:
+        torch.set_num_threads(torch_threads)
 
 
 def merge(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str],
@@ -246,34 +311,43 @@ def merge(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str],
 
     ``recipe``: a ``MergeRecipe``, a dict in the recipe's YAML shape, or a YAML file.
     ``options`` (``MergeOptions``) or its fields as keywords: ``overwrite``, ``progress``.
+    RegMean statistics and a head re-fit (when the recipe asks for them) run the source and
+    merged models on the recipe's calibration texts; statistics and teacher outputs are cached.
     """
     opts = replace(options or MergeOptions(), **overrides)
     recipe = load_recipe(recipe)
     with atomic_directory(output, overwrite=opts.overwrite) as tmp:
         plan = MergePlan(recipe)
         hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardmerge-hash")
-        # The merge runs its own threads (the writer, the hasher) beside the maths on this one;
-        # torch's intra-op threads on top of those oversubscribe the cores, and spinning OpenMP
-        # workers made a 2-core merge about twice as slow (measured). Restored at the end.
-        torch_threads = torch.get_num_threads()
-        torch.set_num_threads(1)
         try:
             plan.start_hashing(hasher)
             logger.info("merging %d model(s) with %s (head_mode=%s) into %s", len(plan.sources),
                         recipe.method, recipe.head_mode.value, output)
-            merger = BlockMerger(plan)
-            metadata = {"format": "pt", "guardmerge_method": recipe.method}
-            with progress(len(plan.names), "merging", enabled=opts.progress, unit="tensor") as bar, \
-                    StreamingWriter(tmp / "model.safetensors", plan.specs, metadata) as writer:
-                for name in plan.names:
-                    writer.write(name, merger.blocks(name))
-                    bar.update(1)
-            write_support_files(plan, tmp)
+            extra: dict[str, Any] = {}
+            statistics, targets = None, None
+            if recipe.needs_calibration:
+                calibration = calibration_for(plan)
+                extra["calibration"] = calibration.describe()
+                if get_method(recipe.method).data_aware:
+                    statistics = regmean_statistics(plan, calibration, progress=opts.progress)
+                    extra["regmean"] = {"alpha": recipe.alpha,
+                                        "texts_per_source": [st.texts for st in statistics]}
+                if recipe.head_mode is HeadMode.REFIT:
+                    targets = refit_targets(plan, calibration, progress=opts.progress)
+            _stream(plan, BlockMerger(plan, statistics), tmp / "model.safetensors", opts.progress)
+            write_support_files(plan, tmp, extra)
+            if targets is not None:
+                model, tokenizer = load_model(tmp)
+                tensors, extra["refit"] = refit_heads(model, tokenizer, targets,
+                                                      progress=opts.progress)
+                patch_tensors(tmp / "model.safetensors",
+                              {n: t.to(plan.specs[n].dtype) for n, t in tensors.items()})
+                write_manifest(tmp, plan.final_heads(), recipe.to_dict(),
+                               extra={**plan.manifest_extra(), **extra})
         except BaseException:
             hasher.shutdown(wait=True, cancel_futures=True)
             raise
         finally:
             hasher.shutdown(wait=True)
             plan.close()
-            torch.set_num_threads(torch_threads)
     return Path(output).expanduser().resolve()

@@ -1,0 +1,134 @@
+"""The data-aware steps of a merge, on the recipe's calibration texts: RegMean statistics of the
+plan's sources, and the re-fit of a merged model's heads. Shared by ``merge()`` (on disk) and the
+search (in memory), so both do exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .activations import linear_modules, output_inputs, output_layer
+from .calibration import CalibrationSet, load_calibration
+from .plan import MergePlan
+from .refit import fit_head
+from .statistics import GramStatistics, cache_dir, gram_statistics, teacher_logits
+
+__all__ = ["calibration_for", "linear_layer_names", "regmean_statistics", "RefitTargets",
+           "refit_targets", "refit_heads"]
+
+logger = logging.getLogger("guardmerge.merge")
+
+
+def calibration_for(plan: MergePlan) -> CalibrationSet:
+    """The recipe's calibration texts (a text may name any of the plan's heads)."""
+    spec = plan.recipe.calibration
+    if spec is None:
+        raise ValueError("the recipe has no calibration section")
+    return load_calibration(spec.texts, limit=spec.limit, heads=[h.name for h in plan.heads])
+
+
+def linear_layer_names(plan: MergePlan) -> list[str]:
+    """The merged model's linear layers (module names), found on a weightless ("meta") copy of
+    the architecture: every layer RegMean solves (the output layer included)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.for_model(**plan.config())
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    return sorted(linear_modules(model, set(plan.names)))
+
+
+def regmean_statistics(plan: MergePlan, calibration: CalibrationSet, *,
+                       progress: bool = False) -> list[GramStatistics]:
+    """Per source, the Gram statistics of every linear layer on its calibration texts (those
+    naming one of its heads, and those naming none), from the cache or computed now."""
+    spec = plan.recipe.calibration
+    assert spec is not None
+    modules = linear_layer_names(plan)
+    out = []
+    for i, s in enumerate(plan.sources):
+        names = [h.name for h in s.heads]
+        texts = calibration.for_head(names, spec.per_source)
+        out.append(gram_statistics(s.folder, plan.source_sha256(i), texts, modules,
+                                   max_length=spec.max_length, cache=cache_dir(spec.cache),
+                                   show_progress=progress, desc=f"statistics {names[0]}"))
+    return out
+
+
+@dataclass
+class _HeadTarget:
+    name: str
+    offset: int                 # in the merged logits
+    stop: int
+    target: torch.Tensor        # [texts, labels]: the source's softmax at the refit temperature
+    weight: torch.Tensor        # the source's rows (start of the fit)
+    bias: torch.Tensor
+
+
+@dataclass
+class RefitTargets:
+    """What a re-fit needs, computed once: the texts, and per head its source's outputs on them
+    and its source's rows."""
+
+    texts: list[str]
+    heads: list[_HeadTarget]
+    weight_name: str
+    bias_name: str
+    temperature: float
+    pull: float
+    max_length: int
+    calibration: dict[str, Any]
+
+
+def refit_targets(plan: MergePlan, calibration: CalibrationSet, *,
+                  progress: bool = False) -> RefitTargets:
+    """Teacher outputs (cached on disk) and starting rows for every head of the plan."""
+    spec, cal = plan.recipe.refit, plan.recipe.calibration
+    assert cal is not None
+    texts = calibration.sample(spec.texts)
+    weight_name, bias_name = f"{plan.head_prefix}.weight", f"{plan.head_prefix}.bias"
+    if bias_name not in plan.head_tensors:
+        raise ValueError(f"{plan.head_prefix} has no bias; re-fit expects weight and bias")
+    merged = {h.name: h for h in plan.heads}
+    heads = []
+    for i, s in enumerate(plan.sources):
+        logits = teacher_logits(s.folder, plan.source_sha256(i), texts, max_length=cal.max_length,
+                                cache=cache_dir(cal.cache), show_progress=progress,
+                                desc=f"teacher {s.heads[0].name}")
+        w, b = plan.source_tensor(i, weight_name).float(), plan.source_tensor(i, bias_name).float()
+        for h in s.heads:  # offsets within this source
+            target = torch.softmax(logits[:, h.offset:h.stop] / spec.temperature, dim=-1)
+            m = merged[h.name]
+            heads.append(_HeadTarget(h.name, m.offset, m.stop, target, w[h.offset:h.stop],
+                                     b[h.offset:h.stop]))
+    return RefitTargets(texts=texts, heads=heads, weight_name=weight_name, bias_name=bias_name,
+                        temperature=spec.temperature, pull=spec.pull, max_length=cal.max_length,
+                        calibration=calibration.describe())
+
+
+def refit_heads(model: Any, tokenizer: Any, targets: RefitTargets, *, batch_size: int = 32,
+                progress: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Fit every head's rows of ``model``'s output layer to its source's outputs, on what the
+    (merged) model's output layer reads. Returns the new output-layer tensors (float32) and a
+    report of the mean KL to each source before and after."""
+    features = output_inputs(model, tokenizer, targets.texts, max_length=targets.max_length,
+                             batch_size=batch_size, desc="refit features", show_progress=progress)
+    layer = output_layer(model)
+    weight = layer.weight.detach().float().clone()
+    bias = layer.bias.detach().float().clone()
+    report: dict[str, Any] = {}
+    for h in targets.heads:
+        fit = fit_head(features, h.target, h.weight, h.bias, temperature=targets.temperature,
+                       pull=targets.pull)
+        weight[h.offset:h.stop] = fit.weight
+        bias[h.offset:h.stop] = fit.bias
+        report[h.name] = {"kl_before": round(fit.kl_before, 6), "kl_after": round(fit.kl_after, 6)}
+        logger.info("refit %s: mean KL to its source %.4f -> %.4f", h.name, fit.kl_before,
+                    fit.kl_after)
+    summary = {"texts": len(targets.texts), "temperature": targets.temperature,
+               "pull": targets.pull, "max_length": targets.max_length, "heads": report}
+    return {targets.weight_name: weight, targets.bias_name: bias}, summary
