@@ -40,7 +40,7 @@ _EXPORTS = {
     "AsyncGuardedClient": "client", "GuardedClient": "client", "guard_client": "client",
     "CachedClassifier": "guard", "Guard": "guard",
     "Head": "labels",
-    "Policy": "policy", "Rule": "policy",
+    "DirectionRules": "policy", "Policy": "policy", "Rule": "policy",
     "Action": "verdict", "Finding": "verdict", "Verdict": "verdict",
 }
 
@@ -59,7 +59,7 @@ if _typing.TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
                              UpstreamError, UpstreamTimeout)
     from .guard import CachedClassifier, Guard
     from .labels import Head
-    from .policy import Policy, Rule
+    from .policy import DirectionRules, Policy, Rule
     from .verdict import Action, Finding, Verdict
 
 

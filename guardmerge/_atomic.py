@@ -32,15 +32,18 @@ def atomic_directory(output: str | os.PathLike[str], *, overwrite: bool = False)
     path = check_output(output, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    trash: Path | None = None
     try:
         yield tmp
         if path.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, trash / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if trash is not None and (trash / path.name).exists() and not path.exists():
+            os.replace(trash / path.name, path)  # interrupted between the renames: put it back
         raise
+    finally:
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)

@@ -5,7 +5,8 @@ text (``option(default, "help")``); ``add_options(parser, Cls)`` turns the field
 flags and ``from_args(Cls, namespace)`` builds the dataclass back from the parsed flags. The
 Python API and the CLI therefore cannot drift: a new field is a new flag, with the same default.
 Validation lives in the dataclass's ``__post_init__`` (``ConfigError`` naming the option), so a
-bad value is the same error from Python and from the shell.
+bad value is the same error from Python and from the shell; ``parse=`` gives the flag the same
+normalisation the dataclass applies (so ``--dtype bf16`` works where ``dtype="bf16"`` does).
 """
 
 from __future__ import annotations
@@ -14,29 +15,47 @@ import argparse
 import dataclasses
 import types
 import typing
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, Callable, Literal, TypeVar, get_args, get_origin
 
-__all__ = ["option", "add_options", "from_args"]
+__all__ = ["option", "add_options", "from_args", "identity"]
 
 T = TypeVar("T")
 
 
-def option(default: Any, help: str, *, flag: str | None = None, metavar: str | None = None,
-           cli: bool = True, negative: str | None = None, identity: bool = False) -> Any:
+def option(default: Any, help: str, *, flag: str | None = None,
+           metavar: str | tuple[str, ...] | None = None, cli: bool = True,
+           negative: str | None = None, negative_help: str | None = None,
+           parse: Callable[[str], Any] | None = None, identity: bool = False) -> Any:
     """A dataclass field with CLI metadata.
 
     ``flag``: the flag name (default ``--field-name``); ``cli=False`` keeps the field out of the
-    command line (Python-only options); ``negative``: for a bool defaulting to True, the flag
-    that turns it off (e.g. ``--no-progress``); ``identity``: the field is part of what makes a
-    run "the same run" (used by the search's resume check).
+    command line (Python-only options); ``negative`` / ``negative_help``: for a bool defaulting
+    to True, the flag that turns it off (default ``--no-field-name``) and its help; ``parse``:
+    converts the flag's text (a ``ConfigError`` / ``ValueError`` is a usage error);
+    ``identity``: the field is part of what makes a run "the same run" (the search's resume
+    check). The help text should say what the option does; the default is appended.
     """
     return dataclasses.field(default=default, metadata={
         "help": help, "flag": flag, "metavar": metavar, "cli": cli, "negative": negative,
-        "identity": identity})
+        "negative_help": negative_help, "parse": parse, "identity": identity})
 
 
 def _flag(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _escape(text: str) -> str:
+    return text.replace("%", "%%")
+
+
+def _parser(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:  # ConfigError is a ValueError
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{name}: ")) from None
+    convert.__name__ = name
+    return convert
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
@@ -48,32 +67,44 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, 
         kind = hints[f.name]
         default = f.default
         help_text = f.metadata["help"]
-        kw: dict[str, Any] = {"dest": f.name, "help": help_text}
         if kind is bool:
             if default:
                 neg = f.metadata.get("negative") or "--no-" + f.name.replace("_", "-")
-                parser.add_argument(neg, action="store_false", **kw)
+                parser.add_argument(neg, dest=f.name, action="store_false",
+                                    help=_escape(f.metadata.get("negative_help")
+                                                 or f"turn off: {help_text}"))
             else:
-                parser.add_argument(_flag(f), action="store_true", **kw)
+                parser.add_argument(_flag(f), dest=f.name, action="store_true",
+                                    help=_escape(help_text))
             continue
+        kw: dict[str, Any] = {"dest": f.name, "default": default}
         base = _unwrap_optional(kind)
-        if get_origin(base) is Literal:
+        if f.metadata.get("parse"):
+            kw["type"] = _parser(f.metadata["parse"], f.name)
+            if get_origin(base) is Literal:
+                kw["metavar"] = "{" + ",".join(map(str, get_args(base))) + "}"
+        elif get_origin(base) is Literal:
             kw["choices"] = list(get_args(base))
             kw["type"] = type(get_args(base)[0])
         elif get_origin(base) is tuple:
             parts = get_args(base)
-            kw["nargs"] = len(parts)
-            kw["type"] = parts[0]
+            if len(parts) == 2 and parts[1] is Ellipsis:
+                kw["nargs"] = "+"
+                kw["type"] = parts[0]
+            else:
+                kw["nargs"] = len(parts)
+                kw["type"] = parts[0]
         elif base in (int, float, str):
             kw["type"] = base
         else:  # pragma: no cover - a programming error in an options class
             raise TypeError(f"{cls.__name__}.{f.name}: no CLI mapping for {kind!r}")
         if f.metadata.get("metavar"):
             kw["metavar"] = f.metadata["metavar"]
-        shown = "none" if default is None else (" ".join(map(str, default))
-                                                 if isinstance(default, tuple) else default)
-        kw["help"] = f"{help_text} (default: {shown})".replace("%", "%%")
-        kw["default"] = default
+        if default is None or "default" in help_text:  # the help already says what None means
+            kw["help"] = _escape(help_text)
+        else:
+            shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+            kw["help"] = _escape(f"{help_text} (default: {shown})")
         parser.add_argument(_flag(f), **kw)
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "config_for_heads",
     "output_layer_prefix",
     "hash_files",
+    "read_json",
     "read_vocab",
     "save_tokenizer",
     "copy_tokenizer",
@@ -142,7 +143,8 @@ def resolve_model_dir(model: str | os.PathLike[str], revision: str | None = None
     return local, local.name if len(local.name) == 40 else revision
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A JSON file's content; a ModelLoadError naming the file if it is missing or invalid."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -158,7 +160,7 @@ def weight_files(folder: Path) -> list[Path]:
     if single.exists():
         return [single]
     if index.exists():
-        data = _read_json(index)
+        data = read_json(index)
         try:
             names = sorted(set(data["weight_map"].values()))
         except (KeyError, AttributeError, TypeError) as exc:
@@ -204,7 +206,7 @@ def _read_manifest(folder: Path) -> tuple[Path | None, dict[str, Any] | None]:
         if not path.exists():
             continue
         if name.endswith(".json"):
-            data = _read_json(path)
+            data = read_json(path)
         else:
             try:
                 data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -245,7 +247,7 @@ def inspect_bundle(model: str | os.PathLike[str], revision: str | None = None) -
     """Validate a bundle (or a plain single-head classifier folder) without loading weights."""
     folder, hub_revision = resolve_model_dir(model, revision)
     config_path = folder / "config.json"
-    config = _read_json(config_path)
+    config = read_json(config_path)
     if not isinstance(config, dict) or "model_type" not in config:
         raise ModelLoadError(f"{config_path}: not a transformers config (no model_type)")
     if config.get("auto_map"):

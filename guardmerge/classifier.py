@@ -46,14 +46,25 @@ _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
 DEFAULT_OVERLAP = 64
 
 
+def dtype_name(dtype: Any) -> str:
+    """``"bf16" | "BFloat16" | torch.bfloat16 | ...`` -> ``"bfloat16"`` (no torch import);
+    a ConfigError naming the choices for anything else."""
+    text = str(dtype).lower()
+    name = _DTYPE_NAMES.get(text[len("torch."):] if text.startswith("torch.") else text)
+    if name is None:
+        raise ConfigError(f"dtype: unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto")
+    return name
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     """How a bundle is loaded and run (``BundleClassifier.from_pretrained`` and the CLI's
     ``--dtype / --threads / --batch-size / --overlap / --max-length``)."""
 
     dtype: DType = option("float32", "weights and activations: float32, bfloat16, float16, or "
-                          "auto (bfloat16 where the CPU has native bf16, else float32)")
-    threads: int | None = option(None, "torch CPU threads (process-wide; default: torch's)")
+                          "auto (bfloat16 where the CPU has native bf16, else float32)",
+                          parse=dtype_name)
+    threads: int | None = option(None, "torch CPU threads (process-wide; default: torch's own)")
     batch_size: int = option(8, "windows per forward pass")
     overlap: int | None = option(None, "tokens shared by adjacent windows (default 64, or "
                                  "window - 1 for a shorter window)")
@@ -61,10 +72,7 @@ class RuntimeOptions:
                                     "(default: the model's limit)")
 
     def __post_init__(self) -> None:
-        if str(self.dtype).lower() not in _DTYPE_NAMES:
-            raise ConfigError(f"dtype: unknown dtype {self.dtype!r}; use float32, bfloat16, "
-                              "float16 or auto")
-        object.__setattr__(self, "dtype", _DTYPE_NAMES[str(self.dtype).lower()])
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads: must be >= 1, got {self.threads}")
         if self.batch_size < 1:
@@ -84,11 +92,7 @@ def resolve_dtype(dtype: "str | torch.dtype") -> "torch.dtype":
     """
     import torch
 
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = _DTYPE_NAMES.get(str(dtype).lower())
-    if name is None:
-        raise ConfigError(f"dtype: unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto")
+    name = dtype_name(dtype)
     if name == "auto":
         try:
             fast = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -264,10 +268,7 @@ class BundleClassifier(Classifier):
     def __init__(self, model: Any, tokenizer: Any, heads: Sequence[Head], *,
                  info: BundleInfo | None = None, max_length: int = 512,
                  overlap: int | None = None, batch_size: int = 8) -> None:
-        if batch_size < 1:
-            raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
-        if max_length < 3:
-            raise ConfigError(f"max_length: must be >= 3, got {max_length}")
+        RuntimeOptions(batch_size=batch_size, overlap=overlap, max_length=max_length)  # checks
         self.model = model
         self.tokenizer = tokenizer
         self.heads = tuple(heads)

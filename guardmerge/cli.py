@@ -339,7 +339,7 @@ def _cmd_build_guards(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .tools import bench as _bench
 
-    if args.bench_command == "cli":  # before transformers is imported: it measures start-up
+    if args.bench_command == "cli":  # fresh processes; no transformers logging to quiet
         _bench.cli(repeats=args.repeats)
         return EXIT_OK
     _quiet_transformers(args.verbose)

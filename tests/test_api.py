@@ -62,6 +62,16 @@ print(json.dumps({{"rc": rc, "help": rc_help, "torch": "torch" in sys.modules,
     assert info == {"rc": 0, "help": 0, "torch": False, "transformers": False}
 
 
+def test_the_cli_parser_builds_without_torch():
+    info = _fresh("""
+import json, sys
+from guardmerge.cli import _build_parser
+_build_parser()
+print(json.dumps("torch" in sys.modules))
+""")
+    assert info is False
+
+
 def _imports(path: Path) -> list[tuple[str, bool]]:
     """(absolute module name, at module level?) of every import in a guardmerge source file."""
     package = list(path.relative_to(ROOT).parts[:-1])  # a module's package (an __init__'s own)
@@ -144,5 +154,19 @@ print(json.dumps(names))
 
 def test_every_subpackage_says_what_lives_there_and_what_it_may_import():
     for sub in ("merge", "testing", "tools"):
-        doc = ast.get_docstring(ast.parse((PACKAGE / sub / "__init__.py").read_text()))
-        assert doc and "import" in doc, sub
+        doc = ast.get_docstring(ast.parse((PACKAGE / sub / "__init__.py").read_text())) or ""
+        modules = sorted(p.stem for p in (PACKAGE / sub).glob("*.py") if p.stem != "__init__")
+        assert [m for m in modules if f"``{m}``" not in doc] == [], f"{sub}: modules not described"
+        assert "never" in doc and "import" in doc, f"{sub}: no import rule"
+
+
+@pytest.mark.parametrize("init", ["__init__.py", "merge/__init__.py"])
+def test_lazy_export_tables_match_their_type_checking_imports(init):
+    tree = ast.parse((PACKAGE / init).read_text())
+    table = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                 and getattr(n.targets[0], "id", "") == "_EXPORTS")
+    imported = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            imported.update({a.name: node.module for a in node.names})
+    assert imported == table

@@ -120,7 +120,7 @@ def test_python_dash_m_entry_point():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--dtype", "int3"], "invalid choice: 'int3'"),
+    (["--dtype", "int3"], "argument --dtype: unknown dtype 'int3'; use float32, bfloat16"),
     (["--threads", "0"], "threads: must be >= 1, got 0"),
     (["--batch-size", "0"], "batch_size: must be >= 1, got 0"),
     (["--overlap", "9999"], "overlap: must be in [0, 509] for windows of 510 tokens, got 9999"),

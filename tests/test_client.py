@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import openai
 import pytest
@@ -219,31 +218,35 @@ def test_async_client_guard(server, guard):
 
 
 def test_async_guard_never_blocks_the_event_loop(server):
-    def slow(text):
-        time.sleep(0.3)
+    """The classifier waits until a coroutine on the event loop has run: if model work ran on
+    the loop, that coroutine could never run and the check would time out (fail closed)."""
+    import threading
+
+    loop_ran = threading.Event()
+    waited = []
+
+    def needs_the_loop(text):
+        waited.append(loop_ran.wait(timeout=10))
         return score(text)
 
-    guard = Guard(FunctionClassifier(HEADS, slow), Policy.from_yaml(POLICY))
+    guard = Guard(FunctionClassifier(HEADS, needs_the_loop), Policy.from_yaml(POLICY))
 
     async def main():
         guarded = guard_client(openai.AsyncOpenAI(base_url=server.url, api_key="t", max_retries=0),
                                guard)
-        ticks = 0
-        done = asyncio.Event()
 
-        async def heartbeat():
-            nonlocal ticks
-            while not done.is_set():
-                ticks += 1
-                await asyncio.sleep(0.01)
+        async def on_the_loop():
+            await asyncio.sleep(0)
+            loop_ran.set()
 
-        beat = asyncio.create_task(heartbeat())
-        await guarded.chat.completions.create(model="m", messages=user("slow check"))
-        done.set()
-        await beat
-        return ticks
+        task = asyncio.create_task(on_the_loop())
+        reply = await guarded.chat.completions.create(model="m", messages=user("check me"))
+        await task
+        return reply
 
-    assert asyncio.run(main()) > 20  # ~0.6 s of guard work; the loop kept ticking
+    reply = asyncio.run(main())
+    assert waited == [True, True]  # input and output checks both saw the loop keep running
+    assert reply.choices[0].message.content == "You said: check me"
 
 
 def test_real_bundle_end_to_end_with_sdk(server, trigger_bundle):

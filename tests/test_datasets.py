@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -119,8 +120,12 @@ def test_build_guards_tiny_end_to_end(tmp_path, tokenizer):
     assert [h.name for h in info.heads] == ["jb", "tox"]
     assert set(summary["tables"]) >= {"soup", "ties 0.5", "dare_ties 0.5", "dare_ties search (2 trials)"}
     row = summary["tables"]["soup"][0]
-    assert row["head"] == "jb" and row["original_f1"] is not None
-    assert 0 < summary["timing"]["ratio"]
+    test = [json.loads(line) for line in Path(summary["test_file"]).read_text().splitlines()]
+    assert row["head"] == "jb" and row["n"] == sum(r["head"] == "jb" for r in test)
+    assert 0.0 <= row["original_f1"] <= 1.0 and 0.0 <= row["merged_f1"] <= 1.0
+    t = summary["timing"]
+    assert t["texts"] == len({r["text"] for r in test})
+    assert t["ratio"] == pytest.approx(t["merged_s"] / t["separate_s"])
     assert (tmp_path / "guards" / "comparison.md").exists()
     again = build_guards(tmp_path / "guards", base=base, heads=_tiny_heads(),
                          epochs={"jb": 1, "tox": 1}, search_trials=2, progress=False,

@@ -257,27 +257,42 @@ def test_guard_wraps_our_own_client():
             list(guarded.chat.completions.create(model="m", messages=MSG, stream=True))
 
 
-def test_sdk_faults_pass_through_the_guard_as_sdk_errors():
-    """Socket-level faults with the real SDK: they reach the caller as the SDK's own errors."""
+def _sdk(upstream: Upstream, **kw) -> openai.OpenAI:
+    """The real SDK client on an in-process transport (its own retry sleeps still apply)."""
+    return openai.OpenAI(base_url=URL, api_key="k", http_client=httpx.Client(
+        transport=httpx.MockTransport(upstream)), **kw)
+
+
+def test_sdk_http_faults_pass_through_the_guard_as_sdk_errors():
+    up = Upstream(httpx.Response(429, headers={"retry-after-ms": "1"}),
+                  httpx.Response(200, json=_completion("after a retry")),
+                  httpx.Response(500, json={"error": {"message": "boom"}}),
+                  httpx.Response(200, text='{"id": "x", "choices": [ {oops',
+                                 headers={"content-type": "application/json"}))
+    guarded = guard_client(_sdk(up, max_retries=1), _guard())
+    assert guarded.chat.completions.create(model="m", messages=MSG).choices[0].message.content \
+        == "after a retry"
+    assert len(up.requests) == 2  # the SDK retried the 429 itself; the guard checked once
+    plain = guard_client(_sdk(up, max_retries=0), _guard())
+    with pytest.raises(openai.InternalServerError):
+        plain.chat.completions.create(model="m", messages=MSG)
+    with pytest.raises(json.JSONDecodeError):  # what openai 1.x+ raises for a broken body
+        plain.chat.completions.create(model="m", messages=MSG)
+    before = len(up.requests)
+    with pytest.raises(PromptBlockedError):
+        plain.chat.completions.create(model="m", messages=[{"role": "user", "content": "xyzzy"}])
+    assert len(up.requests) == before
+
+
+def test_sdk_socket_faults_pass_through_the_guard_as_sdk_errors():
+    """Socket-level faults need a real socket: a read timeout and a connection dropped
+    mid-stream reach the caller as the SDK's own errors."""
     with OpenAICompatServer(words_per_chunk=2) as server:
-        guarded = guard_client(openai.OpenAI(base_url=server.url, api_key="k", max_retries=1,
+        guarded = guard_client(openai.OpenAI(base_url=server.url, api_key="k", max_retries=0,
                                              timeout=0.5), _guard())
-        server.script.extend([{"status": 429, "headers": {"Retry-After": "0.1"}}])
-        assert guarded.chat.completions.create(model="m", messages=MSG).choices[0].message.content
-        assert len(server.requests) == 2
-        server.script.extend({"status": 500} for _ in range(2))
-        with pytest.raises(openai.InternalServerError):
-            guarded.chat.completions.create(model="m", messages=MSG)
-        server.script.extend({"delay": 2.0} for _ in range(2))
+        server.script.append({"delay": 2.0})
         with pytest.raises(openai.APITimeoutError):
             guarded.chat.completions.create(model="m", messages=MSG)
         server.script.append({"drop_after": 1})
         with pytest.raises(openai.APIConnectionError):
             list(guarded.chat.completions.create(model="m", messages=MSG, stream=True))
-        server.script.append({"malformed": True})
-        with pytest.raises(json.JSONDecodeError):  # what openai 1.x+ raises for a broken body
-            guarded.chat.completions.create(model="m", messages=MSG)
-        before = len(server.requests)
-        with pytest.raises(PromptBlockedError):
-            guarded.chat.completions.create(model="m", messages=[{"role": "user", "content": "xyzzy"}])
-        assert len(server.requests) == before

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from guardmerge import BundleClassifier, ConfigError, MergeError, ModelLoadError, RecipeError, inspect_bundle
 from guardmerge.cli import main
-from guardmerge.merge import MergeRecipe, merge, plan_merge
+from guardmerge.merge import MergePlan, MergeRecipe, merge
 from guardmerge.merge.write import BlockMerger
 from guardmerge.testing import build_base_folder, build_classifier_folder, build_tokenizer
 
@@ -135,7 +135,7 @@ def test_same_recipe_and_seed_give_byte_identical_weights(sources, tmp_path):
 
 
 def test_dare_randomness_does_not_depend_on_tensor_order(sources):
-    plan = plan_merge(_recipe(sources, method="dare_ties", parameters={"density": 0.3}))
+    plan = MergePlan(_recipe(sources, method="dare_ties", parameters={"density": 0.3}))
     merger = BlockMerger(plan)
     try:
         forward = {n: merger.tensor(n) for n in plan.names}
@@ -365,7 +365,7 @@ def test_cli_merge_and_inspect(sources, tmp_path, capsys):
 def test_streamed_blocks_stay_valid_while_later_blocks_are_read(sources, method):
     """The writer queues blocks and writes them later: a yielded block must never be a read
     buffer that the next block overwrites (task_arithmetic once yielded one)."""
-    plan = plan_merge(_recipe(sources, method=method))
+    plan = MergePlan(_recipe(sources, method=method))
     merger = BlockMerger(plan)
     try:
         expected = {name: merger.tensor(name).reshape(-1) for name in plan.names}

@@ -205,6 +205,10 @@ def test_screened_search_resumes_and_ignores_the_worker_count(case, tmp_path):
         assert [(r.trial, r.stage, r.score) for r in a] == [(r.trial, r.stage, r.score) for r in b]
     two = run_search(case["recipe"], [case["data"]], tmp_path / "w2", spec, workers=2, **kw)
     assert two["best"] == ref["best"] and two["screen"] == ref["screen"]
+    _, a = read_results(tmp_path / "w2" / "trials.jsonl")
+    _, b = read_results(tmp_path / "ref" / "trials.jsonl")
+    assert [(r.trial, r.stage, r.seed, r.densities, r.heads) for r in a] == \
+        [(r.trial, r.stage, r.seed, r.densities, r.heads) for r in b]
 
 
 def test_screened_search_progress_shows_the_best_score_so_far(case, tmp_path, monkeypatch):

@@ -1,16 +1,23 @@
 """HM3 merging: N classifiers with different label spaces -> one multi-head guard bundle.
 
-What lives here, in the order data flows (each module imports only those before it):
+What lives here, in the order data flows:
 
-- ``recipe``: the YAML recipe, validated (``MergeRecipe``, ``HeadMode``)
+- ``recipe``, ``options``: the YAML recipe, validated (``MergeRecipe``, ``HeadMode``), and the
+  options of ``merge()`` / ``run_search()`` (no torch: the CLI's flags come from them)
 - ``sparsify``, ``methods``: the merge maths as small functions on tensors (TIES trim, DARE,
   one generalised task-arithmetic kernel; ``Method`` / ``Sparsify`` describe each method)
 - ``heads``: HM3 padding and the merged / owner head rows (one implementation for the on-disk
   merge and the in-memory search)
 - ``plan``: sources loaded and checked, heads laid out, tensors read on demand
+- ``calibration``, ``activations``, ``statistics``: unlabelled calibration texts, running
+  models over them, and the cached statistics (Gram matrices, teacher logits)
+- ``regmean``, ``refit``, ``fitting``: RegMean's closed form, the head re-fit, and the
+  data-aware steps that run them for a plan
 - ``write``: the streamed block merge and the atomic bundle writer (``merge()``)
+- ``distill``: multi-teacher distillation of a merged bundle
+- ``mergeability``: the dry-run report on how much the sources' task vectors interfere
 - ``evaluation``: labelled data, per-head metrics, the paper's Table-1 comparison
-- ``search``, ``report``: the Beta density search (Algorithm 3) and its report
+- ``search``, ``report``: the density search (Algorithm 3) and its report
 
 It may import the request-path modules (``guardmerge.bundle``, ``labels``, ``classifier``...),
 never ``guardmerge.tools`` or ``guardmerge.testing``. The public API is exactly ``__all__``;
@@ -27,7 +34,7 @@ _EXPORTS = {
     "METHODS": "methods", "Method": "methods", "Sparsify": "methods",
     "merge_task_vectors": "methods", "merge_tensor": "methods",
     "MergeOptions": "options", "SearchOptions": "options",
-    "MergePlan": "plan", "plan_merge": "plan",
+    "MergePlan": "plan",
     "HeadMode": "recipe", "MergeRecipe": "recipe", "ModelSpec": "recipe", "load_recipe": "recipe",
     "TrialResult": "search", "read_results": "search", "run_search": "search",
     "dare": "sparsify", "magnitude_trim": "sparsify",
@@ -41,7 +48,7 @@ if _typing.TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
                              load_examples, metrics, render_comparison)
     from .methods import METHODS, Method, Sparsify, merge_task_vectors, merge_tensor
     from .options import MergeOptions, SearchOptions
-    from .plan import MergePlan, plan_merge
+    from .plan import MergePlan
     from .recipe import HeadMode, MergeRecipe, ModelSpec, load_recipe
     from .search import TrialResult, read_results, run_search
     from .sparsify import dare, magnitude_trim

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..exceptions import ConfigError
-from .sparsify import CHUNK, _check_density, dare_generator, dare_keep, topk_mask
+from .sparsify import CHUNK, check_density, dare_generator, dare_keep, topk_mask
 
 __all__ = ["METHODS", "Method", "Sparsify", "get_method", "merge_tensor", "merge_task_vectors",
            "merge_block", "block_keeps", "linear_block", "magnitude_masks"]
@@ -136,7 +136,7 @@ def _check(method: "str | Method", n: int, weights: Sequence[float],
     if n == 0 or len(weights) != n or len(densities) != n:
         raise ValueError("need one weight and one density per source (and at least one source)")
     for p in densities:
-        _check_density(p)
+        check_density(p)
     return m
 
 

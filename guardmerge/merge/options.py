@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._options import option
-from ..classifier import DType
+from ..classifier import DType, dtype_name
 from ..exceptions import ConfigError
 
 __all__ = ["MergeOptions", "SearchOptions"]
@@ -22,7 +22,7 @@ class MergeOptions:
 
     overwrite: bool = option(False, "replace an existing output folder")
     progress: bool = option(True, "a progress bar on stderr (only on a terminal)",
-                            negative="--no-progress")
+                            negative_help="no progress bar")
 
 
 @dataclass(frozen=True)
@@ -50,11 +50,12 @@ class SearchOptions:
                             "the trials)", metavar="K", identity=True)
     workers: int = option(1, "processes running trials (results do not depend on it)")
     dtype: DType = option("float32", "dtype trials are scored in: float32, bfloat16, float16 "
-                          "or auto (bf16 where the CPU has it: about 2x faster here)")
+                          "or auto (bf16 where the CPU has it: about 2x faster on this machine)",
+                          parse=dtype_name)
     batch_size: int = option(16, "windows per forward pass while scoring")
     resume: bool = option(False, "continue the search already in the output folder")
     progress: bool = option(True, "a progress bar on stderr (only on a terminal)",
-                            negative="--no-progress")
+                            negative_help="no progress bar")
     save_best: bool = option(True, "write the best trial's bundle to OUT/best-bundle", cli=False)
     compare_sources: bool = option(True, "evaluate the source models too (the report's "
                                    "original column)", cli=False)
@@ -82,6 +83,7 @@ class SearchOptions:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
         object.__setattr__(self, "beta", tuple(float(x) for x in self.beta))
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))
 
     @property
     def n_finalists(self) -> int:

@@ -25,13 +25,13 @@ import torch
 
 from .._safetensors import FLOAT_DTYPES, ITEMSIZE, read_header
 from ..bundle import (config_for_heads, hash_files, inspect_bundle, output_layer_prefix,
-                      read_vocab, resolve_model_dir, weight_files)
+                      read_json, read_vocab, resolve_model_dir, weight_files)
 from ..exceptions import MergeError, ModelLoadError
 from ..labels import Head, head_name_from_id
 from .heads import expand_rows, merge_head_rows
-from .recipe import MergeRecipe, ModelSpec, load_recipe
+from .recipe import OUTPUT_DTYPES, MergeRecipe, ModelSpec, load_recipe
 
-__all__ = ["MergePlan", "plan_merge", "TensorIndex", "TensorSpec", "DTYPE_TO_ST", "ST_TO_DTYPE",
+__all__ = ["MergePlan", "TensorIndex", "TensorSpec", "DTYPE_TO_ST", "ST_TO_DTYPE",
            "storage_dtype", "read_tensor"]
 
 logger = logging.getLogger("guardmerge.merge")
@@ -40,7 +40,7 @@ _ENCODER_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "int
                  "vocab_size", "max_position_embeddings", "type_vocab_size", "dim", "n_layers",
                  "n_heads", "hidden_dim")
 _UNINFORMATIVE = re.compile(r"^(label_?\d+|\d+)$", re.IGNORECASE)
-OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OUT_DTYPES = {name: getattr(torch, name) for name in OUTPUT_DTYPES}
 
 DTYPE_TO_ST: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -196,16 +196,6 @@ class Source:
         return sum(h.size for h in self.heads)
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelLoadError(f"{path}: missing") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
-
-
 class MergePlan:
     """Everything checked and laid out before the first tensor is merged.
 
@@ -216,10 +206,11 @@ class MergePlan:
     checked equal) and ``merged_head`` (the head rows merged per the recipe's head mode).
     """
 
-    def __init__(self, recipe: MergeRecipe) -> None:
+    def __init__(self, recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str]) -> None:
+        recipe = load_recipe(recipe)
         self.recipe = recipe
         self.base_folder, self.base_revision = resolve_model_dir(recipe.base, recipe.base_revision)
-        self.base_config = _read_config(self.base_folder)
+        self.base_config = read_json(self.base_folder / "config.json")
         self.base_index = TensorIndex(self.base_folder)
         self.sources: list[Source] = []
         self._hashes: dict[str, Future[str]] = {}
@@ -419,14 +410,11 @@ class MergePlan:
             out.append(expand_rows(s.index.get(name), offset, total))
         return out
 
-    def merged_head(self, name: str, *, method: str | None = None,
-                    densities: Sequence[float] | None = None, seed: int | None = None) -> torch.Tensor:
-        """Output-layer tensor ``name`` of the merged model (float32), per the head mode.
-        ``method`` / ``densities`` / ``seed`` default to the recipe's (the search varies them)."""
+    def merged_head(self, name: str) -> torch.Tensor:
+        """Output-layer tensor ``name`` of the merged model (float32), per the head mode."""
         r = self.recipe
-        return merge_head_rows(r.head_mode, method or r.method, self.head_rows(name), self.weights,
-                               list(densities) if densities is not None else self.densities,
-                               lam=r.lam, seed=r.seed if seed is None else seed, name=name)
+        return merge_head_rows(r.head_mode, r.method, self.head_rows(name), self.weights,
+                               self.densities, lam=r.lam, seed=r.seed, name=name)
 
     def buffer_tensor(self, name: str) -> torch.Tensor:
         """A non-float buffer (``position_ids``, ``token_type_ids``): the base's, which every
@@ -480,7 +468,3 @@ class MergePlan:
         return {"base": {"id": self.recipe.base, "revision": self.base_revision,
                          "sha256": self._hash("base", self.base_index.files)}}
 
-
-def plan_merge(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str]) -> MergePlan:
-    """Load and check a recipe's models (a recipe object, a dict, or a YAML file)."""
-    return MergePlan(load_recipe(recipe))

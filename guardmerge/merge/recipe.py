@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 from .._validate import Checker, load_yaml, parse_yaml
 from ..exceptions import RecipeError
 from ..labels import HEAD_NAME, duplicates
-from .methods import METHODS
+from .methods import METHODS, get_method
 
 __all__ = ["MergeRecipe", "ModelSpec", "HeadMode", "CalibrationSpec", "RefitSpec", "load_recipe",
            "OUTPUT_DTYPES"]
@@ -113,6 +113,16 @@ class MergeRecipe:
     calibration: CalibrationSpec | None = None
     refit: RefitSpec = RefitSpec()
     source: str = field(default="<recipe>", compare=False)
+
+    def __post_init__(self) -> None:
+        # a recipe built in Python may give the head mode as a string; the method is checked
+        # by name (``get_method`` raises a ConfigError listing the known ones)
+        try:
+            object.__setattr__(self, "head_mode", HeadMode(self.head_mode))
+        except ValueError:
+            raise RecipeError(f"head_mode: expected one of "
+                              f"{', '.join(m.value for m in HeadMode)}, got {self.head_mode!r}") from None
+        get_method(self.method)
 
     @property
     def needs_calibration(self) -> bool:

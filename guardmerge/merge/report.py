@@ -92,7 +92,7 @@ def _plots(out: Path, results: Sequence[Any], best: Any, originals: Mapping[str,
     return made
 
 
-def write_search_report(out: Path, recipe: Any, spec: Any, results: Sequence[Any], best: Any,
+def write_search_report(out: Path, recipe: Any, options: Any, results: Sequence[Any], best: Any,
                         originals: Mapping[str, EvalReport]) -> Path:
     model_names = [m.head or head_name_from_id(m.model) for m in recipe.models]
     merged = EvalReport(model="best merge")
@@ -103,10 +103,10 @@ def write_search_report(out: Path, recipe: Any, spec: Any, results: Sequence[Any
     lines = ["# guardmerge search report", "",
              f"- recipe: method `{recipe.method}`, head_mode `{recipe.head_mode.value}`, "
              f"{len(recipe.models)} model(s){' (self-merge)' if recipe.self_merge else ''}",
-             f"- trials: {spec.trials}, densities ~ Beta({spec.beta[0]}, {spec.beta[1]})"
-             f"{', shared' if spec.shared_density else ', per model'}; objective `{spec.objective}`"]
+             f"- trials: {options.trials}, densities ~ Beta({options.beta[0]}, {options.beta[1]})"
+             f"{', shared' if options.shared_density else ', per model'}; objective `{options.objective}`"]
     if screened:
-        lines.append(f"- screening: every trial scored on {spec.screen} examples first; the "
+        lines.append(f"- screening: every trial scored on {options.screen} examples first; the "
                      f"{len(final)} best went on to every example (only those are ranked below)")
     lines += [f"- best: trial {best.trial}, score {best.score:.4f}, densities "
               f"{', '.join(f'{d:.3f}' for d in best.densities)}, merge seed {best.seed}", "",

@@ -39,7 +39,7 @@ from ..exceptions import ConfigError
 from .evaluation import (EvalReport, Example, evaluate, load_examples, predicted_label,
                        report_from_predictions)
 from .heads import merge_head_rows
-from .methods import merge_task_vectors, merge_tensor
+from .methods import get_method, merge_task_vectors, merge_tensor
 from .options import SearchOptions
 from .recipe import MergeRecipe, load_recipe
 
@@ -195,9 +195,9 @@ class TrialContext:
                     merged = merge_head_rows(r.head_mode, method, self.head_rows[name],
                                              self.weights, densities, lam=r.lam, seed=seed,
                                              name=name)
-                elif method == "linear":
+                elif not get_method(method).uses_base:
                     b = self.base[name]
-                    merged = merge_tensor("linear", None, [b + d for d in self.deltas[name]],
+                    merged = merge_tensor(method, None, [b + d for d in self.deltas[name]],
                                           self.weights, densities)
                 else:
                     merged = merge_task_vectors(method, self.base[name], self.deltas[name],

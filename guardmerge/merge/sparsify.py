@@ -20,11 +20,11 @@ import hashlib
 import numpy as np
 import torch
 
-__all__ = ["CHUNK", "magnitude_trim", "dare", "dare_", "dare_keep", "dare_generator", "seed_for",
+__all__ = ["CHUNK", "check_density", "magnitude_trim", "dare", "dare_", "dare_keep", "dare_generator", "seed_for",
            "topk_mask"]
 
 
-def _check_density(density: float) -> None:
+def check_density(density: float) -> None:
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
 
@@ -62,7 +62,7 @@ def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
 
     Ties at the k-th magnitude are broken towards lower indices (deterministic).
     """
-    _check_density(density)
+    check_density(density)
     if density >= 1.0 or delta.numel() == 0:
         return delta.clone()
     k = max(1, int(density * delta.numel()))
@@ -112,7 +112,7 @@ def dare(delta: torch.Tensor, density: float, generator: np.random.BitGenerator)
     Random numbers are drawn block by block (``CHUNK`` elements, in order), exactly as the merge
     loop draws them, so this function and a merge give the same mask for the same generator.
     """
-    _check_density(density)
+    check_density(density)
     out = delta.reshape(-1).to(torch.float32, copy=True)
     for start in range(0, out.numel(), CHUNK):
         dare_(out[start:start + CHUNK], density, generator)

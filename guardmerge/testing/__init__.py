@@ -15,6 +15,7 @@ from .models import (TRIGGER, WORDS, bert_base_vocab, build_base_folder, build_b
                      build_classifier_folder, build_tokenizer, build_trigger_model, random_text,
                      save_model_folder, tiny_config, write_bundle)
 from .server import OpenAICompatServer, echo_reply
+from ..bundle import save_tokenizer  # the kit's home for it: bundle is private
 
 __all__ = [
     "OpenAICompatServer",
@@ -29,6 +30,7 @@ __all__ = [
     "echo_reply",
     "random_text",
     "save_model_folder",
+    "save_tokenizer",
     "tiny_config",
     "write_bundle",
 ]

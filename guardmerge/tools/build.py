@@ -179,10 +179,10 @@ def finetune(base: Path, train: Sequence[tuple[str, str]], labels: Sequence[str]
 
 def task_vector_norms(base: Path, sources: Sequence[Path]) -> list[float]:
     """L2 norm of each source's task vector over the encoder (output layers excluded)."""
-    from ..merge import plan_merge
+    from ..merge import MergePlan
 
-    plan = plan_merge({"base": str(base), "method": "task_arithmetic",
-                       "models": [{"model": str(s)} for s in sources]})
+    plan = MergePlan({"base": str(base), "method": "task_arithmetic",
+                      "models": [{"model": str(s)} for s in sources]})
     try:
         totals = [0.0] * len(sources)
         for name in plan.names:

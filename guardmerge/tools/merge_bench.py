@@ -31,6 +31,7 @@ def build_inputs(root: Path, *, layers: int, hidden: int, seed: int = 0,
     """base (BertModel names), jb + hate classifiers, and HM3-expanded copies for mergekit."""
     from safetensors.torch import load_file, save_file
 
+    from ..merge.heads import expand_rows
     from ..testing import (bert_base_vocab, build_base_folder, build_classifier_folder,
                           build_tokenizer)
 
@@ -55,10 +56,7 @@ def build_inputs(root: Path, *, layers: int, hidden: int, seed: int = 0,
         shutil.copytree(paths[key], dst)
         sd = load_file(str(dst / "model.safetensors"))
         for t in ("classifier.weight", "classifier.bias"):
-            x = sd[t]
-            out = torch.zeros((total,) + tuple(x.shape[1:]), dtype=x.dtype)
-            out[offsets[key]:offsets[key] + x.shape[0]] = x
-            sd[t] = out
+            sd[t] = expand_rows(sd[t], offsets[key], total).to(sd[t].dtype)
         save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
         cfg = json.loads((dst / "config.json").read_text())
         cfg["id2label"] = {str(i): f"l{i}" for i in range(total)}
