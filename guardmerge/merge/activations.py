@@ -127,8 +127,8 @@ def linear_grams(model: Any, tokenizer: Any, texts: Sequence[str], modules: Sequ
             mask = state["mask"]
             if x.dim() == 3 and x.shape[:2] == mask.shape:
                 x = x[mask]                       # token-level input: non-pad tokens only
-            x = x.reshape(-1, x.shape[-1]).double()
-            g = x.T @ x
+            x = x.reshape(-1, x.shape[-1]).float()
+            g = (x.T @ x).double()  # float32 products per batch, summed in float64
             if name in grams:
                 grams[name] += g
             else:
