@@ -38,7 +38,7 @@ def _given(value: Any) -> bool:
 def _to_dict(obj: Any) -> dict[str, Any]:
     if isinstance(obj, Mapping):
         return dict(obj)
-    return obj.model_dump(exclude_unset=False)
+    return obj.model_dump(exclude_unset=True)
 
 
 def _now_id(prefix: str) -> str:
@@ -350,7 +350,8 @@ class ResponsesAPI(API):
                  "content": [{"type": "output_text", "text": refusal, "annotations": []}]}]
 
     def _response(self, base: Mapping[str, Any], refusal: str) -> dict[str, Any]:
-        return {**base, "status": "incomplete", "incomplete_details": {"reason": "content_filter"},
+        kept = {k: v for k, v in base.items() if k != "usage"}  # counts of the withheld output
+        return {**kept, "status": "incomplete", "incomplete_details": {"reason": "content_filter"},
                 "output": self._refusal_output(refusal)}
 
     def _synthetic(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
