@@ -44,6 +44,8 @@ OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
 _TOP = {"base", "base_revision", "method", "head_mode", "seed", "dtype", "parameters", "models",
         "name"}
 _PARAMS = {"lambda", "weight", "density"}
+#: lambda and weights are float32 factors in the merge kernels: finite, and finite there too
+_F32_MAX = 3.4028234663852886e38
 _MODEL = {"model", "revision", "head", "labels", "weight", "density"}
 
 
@@ -130,8 +132,8 @@ class MergeRecipe:
         if name is not None:
             c.string(name, "name")
         params = c.mapping(top.get("parameters", {}) or {}, "parameters", allowed=_PARAMS) or {}
-        lam = c.number(params.get("lambda", 1.0), "parameters.lambda", lo=0.0, lo_open=True)
-        dweight = c.number(params.get("weight", 1.0), "parameters.weight", lo=0.0, lo_open=True)
+        lam = _factor(c, params.get("lambda", 1.0), "parameters.lambda")
+        dweight = _factor(c, params.get("weight", 1.0), "parameters.weight")
         ddensity = c.number(params.get("density", 1.0), "parameters.density", lo=0.0, hi=1.0,
                             lo_open=True)
 
@@ -164,8 +166,8 @@ class MergeRecipe:
                     if dupes:
                         c.add(f"{path}.labels", f"duplicate labels {dupes}")
                     labels = tuple(got)
-            weight = c.number(m.get("weight", dweight if dweight is not None else 1.0),
-                              f"{path}.weight", lo=0.0, lo_open=True)
+            weight = _factor(c, m.get("weight", dweight if dweight is not None else 1.0),
+                             f"{path}.weight")
             density = c.number(m.get("density", ddensity if ddensity is not None else 1.0),
                                f"{path}.density", lo=0.0, hi=1.0, lo_open=True)
             revision = m.get("revision")
@@ -180,6 +182,15 @@ class MergeRecipe:
                    head_mode=HeadMode(head_mode),
                    seed=seed, dtype=dtype, lam=lam, base_revision=base_revision, name=name,
                    source=source)
+
+
+def _factor(c: Checker, value: Any, path: str) -> float | None:
+    """A lambda or weight: a finite number > 0 that fits the kernels' float32."""
+    v = c.number(value, path, lo=0.0, lo_open=True)
+    if v is not None and v > _F32_MAX:
+        c.add(path, f"{value} does not fit a float32 (at most {_F32_MAX:.4g})")
+        return None
+    return v
 
 
 def load_recipe(recipe: "MergeRecipe | Mapping[str, Any] | str | os.PathLike[str]") -> MergeRecipe:
