@@ -19,7 +19,6 @@ records of unknown types) are unreadable content (``on_error``).
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Any, Mapping
 
 from ._messages import Unreadable, get, snapshot
@@ -39,6 +38,11 @@ def _to_dict(obj: Any) -> dict[str, Any]:
     if isinstance(obj, Mapping):
         return dict(obj)
     return obj.model_dump(exclude_unset=True)
+
+
+def _call_text(call: Any) -> str:
+    """``name(arguments)`` of a tool call (``input`` for custom tools), as the guard scores it."""
+    return f"{get(call, 'name', '')}({get(call, 'arguments', get(call, 'input', ''))})"
 
 
 def _now_id(prefix: str) -> str:
@@ -185,11 +189,12 @@ class ChatAPI(_Choices):
 
     def request(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
         messages = kwargs.get("messages")
-        if messages is None or not _given(messages):
+        if not _given(messages):
             return kwargs, []
         if not isinstance(messages, str):
             messages = snapshot(list(messages))  # materialised once: what is checked is sent
-        return {**kwargs, "messages": messages}, messages if isinstance(messages, list) else [messages]
+        checked = messages if isinstance(messages, list) else [messages]
+        return {**kwargs, "messages": messages}, checked
 
     def output_items(self, response: Any, tool_calls: bool) -> list[dict[str, Any]]:
         items = []
@@ -199,8 +204,7 @@ class ChatAPI(_Choices):
                                  get(get(message, "audio") or {}, "transcript")) if p]
             if tool_calls:
                 for call in get(message, "tool_calls") or []:
-                    fn = get(call, "function") or get(call, "custom") or {}
-                    parts.append(f"{get(fn, 'name', '')}({get(fn, 'arguments', get(fn, 'input', ''))})")
+                    parts.append(_call_text(get(call, "function") or get(call, "custom") or {}))
             items.append({"role": "assistant", "content": parts or None})
         return items
 
@@ -269,7 +273,8 @@ class CompletionsAPI(_Choices):
 _TEXT_DELTAS = {"response.output_text.delta", "response.refusal.delta",
                 "response.reasoning_summary_text.delta", "response.reasoning_text.delta"}
 _TOOL_DELTAS = {"response.function_call_arguments.delta",
-                "response.custom_tool_call_input.delta", "response.code_interpreter_call_code.delta"}
+                "response.custom_tool_call_input.delta",
+                "response.code_interpreter_call_code.delta"}
 
 
 class ResponsesAPI(API):
@@ -314,11 +319,11 @@ class ResponsesAPI(API):
             return {"role": "tool", "content": output if isinstance(output, (str, list)) else
                     Unreadable(f"input[{i}].output is a {type(output).__name__}")}
         if kind in ("function_call", "custom_tool_call"):
-            text = f"{get(item, 'name', '')}({get(item, 'arguments', get(item, 'input', ''))})"
-            return {"role": "assistant", "content": text}
+            return {"role": "assistant", "content": _call_text(item)}
         if kind == "reasoning":
             summary = [get(s, "text") for s in get(item, "summary") or []]
-            return {"role": "assistant", "content": "\n\n".join(s for s in summary if isinstance(s, str))}
+            return {"role": "assistant",
+                    "content": "\n\n".join(s for s in summary if isinstance(s, str))}
         return {"role": "tool", "content": Unreadable(
             f"input[{i}] is an item of type {kind!r}, which the guard cannot read")}
 
@@ -337,8 +342,9 @@ class ResponsesAPI(API):
                 parts += [get(s, "text") for s in get(out, "summary") or []
                           if isinstance(get(s, "text"), str)]
             elif tool_calls and kind in ("function_call", "custom_tool_call"):
-                parts.append(f"{get(out, 'name', '')}({get(out, 'arguments', get(out, 'input', ''))})")
-            elif tool_calls and kind == "code_interpreter_call" and isinstance(get(out, "code"), str):
+                parts.append(_call_text(out))
+            elif tool_calls and kind == "code_interpreter_call" and \
+                    isinstance(get(out, "code"), str):
                 parts.append(get(out, "code"))
             items.append({"role": "assistant", "content": "\n\n".join(parts) or None})
         return items

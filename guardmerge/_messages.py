@@ -58,7 +58,8 @@ def snapshot(value: Any) -> Any:
 
 
 def normalize_role(role: Any) -> str:
-    return str(role).strip().lower()
+    """Case-insensitive, stripped; cut to 64 characters (a role is a name, never text to log)."""
+    return str(role).strip().lower()[:64]
 
 
 @dataclass
@@ -81,7 +82,8 @@ def read_messages(messages: Iterable[Any] | str, default_role: str) -> list[Mess
         if isinstance(msg, str):
             out.append(Message(index, default_role, msg))
             continue
-        if not isinstance(msg, Mapping) and not hasattr(msg, "content") and not hasattr(msg, "role"):
+        if not isinstance(msg, Mapping) and not hasattr(msg, "content") and \
+                not hasattr(msg, "role"):
             out.append(Message(index, default_role,
                                unreadable=[f"message is a {type(msg).__name__}, not a message"]))
             continue
@@ -134,4 +136,4 @@ def _read_part(part: Any, texts: list[str], m: Message, where: str) -> None:
         if isinstance(value, str):
             texts.append(value)
     m.unreadable.append(f"{where} has no 'type'" if kind is None else
-                        f"{where} has an unknown type {kind!r}")
+                        f"{where} has an unknown type {kind!r:.40}")

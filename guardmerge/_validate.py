@@ -51,7 +51,8 @@ def load_yaml(path: str | os.PathLike[str], error: type[E]) -> Any:
 
 
 def parse_yaml(text: str, source: str, error: type[E]) -> Any:
-    if len(text) > MAX_CONFIG_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
+    if len(text) > MAX_CONFIG_BYTES or \
+            len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
         raise error(f"{source}: over the limit of {MAX_CONFIG_BYTES:,} bytes for a configuration")
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass

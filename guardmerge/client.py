@@ -137,13 +137,13 @@ class _Core:
             raise ResponseBlockedError(verdict)
         return api.refuse_output(response, verdict, self.refusal_message)
 
-    def machine(self, api: API) -> tuple[StreamMachine, Any]:
+    def machine(self, api: API) -> StreamMachine:
+        """A fresh hold-back machine for one stream of ``api``."""
         reader = api.reader(self.tool_calls, self.refusal_message, self.sdk_types)
-        machine = StreamMachine(reader.read, window_chars=self.window_chars,
-                                overlap_chars=self.overlap_chars,
-                                hold=self.stream_mode == "hold", tail=reader.tail,
-                                error=lambda exc: self.guard.policy.error_verdict("output", exc))
-        return machine, reader
+        return StreamMachine(reader.read, window_chars=self.window_chars,
+                             overlap_chars=self.overlap_chars, hold=self.stream_mode == "hold",
+                             tail=reader.tail,
+                             error=lambda exc: self.guard.policy.error_verdict("output", exc))
 
 
 # -- the two stream drivers: I/O only, every decision is the machine's ---------------------------
@@ -168,7 +168,7 @@ class GuardedStream:
     def __init__(self, upstream: Any, core: _Core, api: API) -> None:
         self._upstream = upstream
         self._core = core
-        self._machine, _ = core.machine(api)
+        self._machine = core.machine(api)
         self._iter = self._run()
         self.response = _StreamCloser(self)
 
@@ -240,7 +240,7 @@ class AsyncGuardedStream:
     def __init__(self, upstream: Any, core: _Core, api: API) -> None:
         self._upstream = upstream
         self._core = core
-        self._machine, _ = core.machine(api)
+        self._machine = core.machine(api)
         self._iter = self._run()
         self.response = _StreamCloser(self)
 

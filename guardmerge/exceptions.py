@@ -108,9 +108,9 @@ class UnguardedCallError(GuardmergeError):
 
     def __init__(self, method: str, reason: str | None = None) -> None:
         self.method = method
-        super().__init__(
-            f"{method}: not guarded by guardmerge ({reason or 'it can carry text to or from a model'}); "
-            "call it on the client's .wrapped to bypass the guard deliberately")
+        reason = reason or "it can carry text to or from a model"
+        super().__init__(f"{method}: not guarded by guardmerge ({reason}); call it on the "
+                         "client's .wrapped to bypass the guard deliberately")
 
 
 class UpstreamError(GuardmergeError):

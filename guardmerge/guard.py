@@ -32,17 +32,9 @@ from .normalize import NormalizedText, normalize_text
 from .policy import ROLES, Policy, Target
 from .verdict import Action, Finding, Verdict
 
-__all__ = ["Guard", "CachedClassifier", "message_text"]
+__all__ = ["Guard", "CachedClassifier"]
 
 logger = logging.getLogger("guardmerge.guard")
-
-
-def message_text(content: Any) -> str | None:
-    """The text of a chat message's content: a string, or the text parts of a list of parts.
-
-    Text parts are joined with a blank line; other parts (images, audio) carry no text.
-    """
-    return read_messages([{"content": content}], "user")[0].text
 
 
 class CachedClassifier(Classifier):

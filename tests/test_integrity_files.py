@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import struct
 import sys
 
@@ -91,6 +92,17 @@ def test_a_fifo_is_refused_instead_of_hanging_the_loader(random_bundle, tmp_path
     os.mkfifo(b / name)
     with pytest.raises(ModelLoadError, match=rf"{name.replace('.', '[.]')}: .*is a FIFO, "
                                              "expected a regular file"):
+        inspect_bundle(b)
+
+
+def test_a_device_is_refused(random_bundle, tmp_path):
+    b = _copy(random_bundle, tmp_path)
+    (b / "model.safetensors").unlink()
+    try:
+        os.mknod(b / "model.safetensors", stat.S_IFCHR | 0o600, os.makedev(1, 5))  # /dev/zero
+    except PermissionError:
+        pytest.skip("creating a device node needs root")
+    with pytest.raises(ModelLoadError, match="is a character device, expected a regular file"):
         inspect_bundle(b)
 
 
