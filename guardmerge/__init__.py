@@ -7,7 +7,8 @@ library never imports it.
 
 Layers point one way (each imports only those above it)::
 
-    exceptions, labels, chunking, verdict, _validate, _options, _safetensors, _atomic
+    exceptions, labels, chunking, verdict, normalize, _files, _validate, _options,
+    _safetensors, _atomic, _messages
     bundle                       folders, manifests, headers (no torch)
     classifier                   the runtime (torch and transformers only once a model loads)
     policy -> guard              rules -> verdicts; messages -> one batched classification
@@ -35,11 +36,13 @@ _EXPORTS = {
     "DataError": "exceptions", "GuardmergeError": "exceptions", "MergeError": "exceptions",
     "ModelLoadError": "exceptions", "PolicyError": "exceptions",
     "PromptBlockedError": "exceptions", "RecipeError": "exceptions",
-    "ResponseBlockedError": "exceptions", "UpstreamError": "exceptions",
+    "ResponseBlockedError": "exceptions", "UnguardedCallError": "exceptions",
+    "UpstreamError": "exceptions",
     "UpstreamTimeout": "exceptions",
     "AsyncGuardedClient": "client", "GuardedClient": "client", "guard_client": "client",
     "CachedClassifier": "guard", "Guard": "guard",
     "Head": "labels",
+    "NormalizedText": "normalize", "normalize_text": "normalize",
     "DirectionRules": "policy", "Policy": "policy", "Rule": "policy",
     "Action": "verdict", "Finding": "verdict", "Verdict": "verdict",
 }
@@ -56,9 +59,10 @@ if _typing.TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .exceptions import (BlockedError, ClassifierError, ConfigError, DataError,
                              GuardmergeError, MergeError, ModelLoadError, PolicyError,
                              PromptBlockedError, RecipeError, ResponseBlockedError,
-                             UpstreamError, UpstreamTimeout)
+                             UnguardedCallError, UpstreamError, UpstreamTimeout)
     from .guard import CachedClassifier, Guard
     from .labels import Head
+    from .normalize import NormalizedText, normalize_text
     from .policy import DirectionRules, Policy, Rule
     from .verdict import Action, Finding, Verdict
 

@@ -3,8 +3,10 @@
 ``ChatClient(base_url).chat.completions.create(model=..., messages=[...])`` returns the parsed
 JSON body (a dict); with ``stream=True`` it returns a ``ChatStream`` of chunk dicts parsed from
 server-sent events. Retries: connection errors, timeouts, 408 / 409 / 429 / 5xx, with
-exponential backoff and jitter, honouring ``Retry-After`` (and ``retry-after-ms``), always bounded
-by ``max_attempts`` and ``max_retry_time``. Other 4xx raise ``UpstreamError`` at once, with the
+exponential backoff and jitter, honouring ``Retry-After`` (seconds or an HTTP date, and
+``retry-after-ms``) up to ``retry_after_max``; a value that is garbage, negative, not finite or
+larger than that falls back to the backoff. Always bounded by ``max_attempts`` and
+``max_retry_time``. Other 4xx raise ``UpstreamError`` at once, with the
 status and body. A stream is retried only until its first byte; a connection dropped mid-stream,
 a stream that ends without ``[DONE]`` and malformed JSON raise ``UpstreamError``.
 """
@@ -15,8 +17,10 @@ import email.utils
 import inspect
 import json
 import logging
+import math
 import random
 import time
+from datetime import timezone
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
@@ -46,6 +50,9 @@ class _Retryable(Exception):
 class RetryPolicy:
     """How hard to try: at most ``max_attempts`` tries and ``max_retry_time`` seconds of retrying.
 
+    ``retry_after_max``: the longest ``Retry-After`` honoured; a longer one (or garbage) is
+    ignored and the backoff applies. A honoured one that would outlast ``max_retry_time`` ends
+    the retries at once instead of sleeping in vain.
     ``sleep``: what waits between attempts (default ``time.sleep`` / ``asyncio.sleep``); tests
     pass a recorder so retries run deterministically and instantly.
     """
@@ -55,17 +62,23 @@ class RetryPolicy:
     backoff_initial: float = 0.5
     backoff_max: float = 8.0
     jitter: float = 0.5
+    retry_after_max: float = 60.0
     sleep: Callable[[float], Any] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ConfigError(f"max_attempts: must be >= 1, got {self.max_attempts}")
-        if self.max_retry_time < 0 or self.backoff_initial < 0:
-            raise ConfigError("max_retry_time and backoff_initial must be >= 0")
+        if self.max_retry_time < 0 or self.backoff_initial < 0 or self.retry_after_max < 0:
+            raise ConfigError("max_retry_time, backoff_initial and retry_after_max must be >= 0")
 
-    def wait(self, state: tenacity.RetryCallState) -> float:
+    def _after(self, state: tenacity.RetryCallState) -> float | None:
+        """The server's Retry-After for this failure, if there is one worth honouring."""
         exc = state.outcome.exception() if state.outcome else None
         after = exc.retry_after if isinstance(exc, _Retryable) else None
+        return after if after is not None and after <= self.retry_after_max else None
+
+    def wait(self, state: tenacity.RetryCallState) -> float:
+        after = self._after(state)
         if after is None:
             after = min(self.backoff_max, self.backoff_initial * 2 ** (state.attempt_number - 1))
             after += random.uniform(0, self.jitter * after)
@@ -75,9 +88,8 @@ class RetryPolicy:
     def stop(self, state: tenacity.RetryCallState) -> bool:
         if state.attempt_number >= self.max_attempts:
             return True
-        exc = state.outcome.exception() if state.outcome else None
         elapsed = time.monotonic() - state.start_time
-        after = exc.retry_after if isinstance(exc, _Retryable) else None
+        after = self._after(state)
         # a server asking us to wait past the budget: give up now rather than sleep in vain
         return elapsed >= self.max_retry_time or (
             after is not None and elapsed + after > self.max_retry_time)
@@ -106,23 +118,36 @@ def _log_retry(state: tenacity.RetryCallState) -> None:
                    exc, state.next_action.sleep if state.next_action else 0.0)
 
 
+def _seconds(value: str, scale: float = 1.0) -> float | None:
+    try:
+        seconds = float(value) * scale
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
 def _retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds the server asks us to wait: ``retry-after-ms``, or ``Retry-After`` as seconds or
+    an HTTP date (a date in the past is 0). None for a missing or unreadable value."""
     ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
+    if ms and _seconds(ms, 1e-3) is not None:
+        return _seconds(ms, 1e-3)
+    value = (headers.get("retry-after") or "").strip()
     if not value:
         return None
+    seconds = _seconds(value)
+    if seconds is not None:
+        return seconds
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        if parsed is None:
-            return None
-        return max(0.0, parsed.timestamp() - time.time())
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC, by RFC 5322
+        when = when.replace(tzinfo=timezone.utc)
+    try:
+        return max(0.0, when.timestamp() - time.time())
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def _check_status(response: httpx.Response, body: str) -> None:

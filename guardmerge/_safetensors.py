@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ._files import open_regular
 from .exceptions import ModelLoadError
 
 __all__ = ["Header", "read_header", "ITEMSIZE", "FLOAT_DTYPES"]
@@ -35,13 +36,16 @@ class Header(NamedTuple):
 def read_header(path: str | os.PathLike[str]) -> Header:
     """Validate a safetensors file's header against its size.
 
-    Raises ModelLoadError naming the file for: too short, absurd header length, invalid JSON,
-    unknown dtype, a tensor whose byte range does not match its shape, or data past the end.
+    Raises ModelLoadError naming the file (and the tensor and field) for: not a regular file,
+    too short, absurd header length, invalid JSON, a malformed entry (dtype, shape,
+    data_offsets, ``__metadata__``), a tensor whose byte range does not match its shape,
+    overlapping tensors, or data past the end.
     """
     path = Path(path)
+    fd = open_regular(path, ModelLoadError, what="weights file")
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
+        with os.fdopen(fd, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
             raw_len = fh.read(8)
             if len(raw_len) < 8:
                 raise ModelLoadError(f"{path}: not a safetensors file (only {size} bytes)")
@@ -56,21 +60,22 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         raise ModelLoadError(f"{path}: cannot read: {exc}") from exc
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise ModelLoadError(f"{path}: corrupt safetensors header (nested too deeply)") from None
+    except (UnicodeDecodeError, ValueError) as exc:
         raise ModelLoadError(f"{path}: corrupt safetensors header ({exc})") from exc
     if not isinstance(header, dict):
         raise ModelLoadError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ModelLoadError(f"{path}: __metadata__: expected a mapping of strings to strings")
     data_len = size - 8 - header_len
+    ranges = []
     for name, info in header.items():
-        try:
-            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelLoadError(f"{path}: tensor {name!r}: malformed header entry") from exc
-        if dtype not in ITEMSIZE:
-            raise ModelLoadError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
-        numel = math.prod(int(dim) for dim in shape)
-        if end - start != numel * ITEMSIZE[dtype] or start < 0:
+        dtype, shape, (start, end) = _entry(path, name, info)
+        numel = math.prod(shape)
+        if end - start != numel * ITEMSIZE[dtype]:
             raise ModelLoadError(
                 f"{path}: tensor {name!r}: byte range {start}..{end} does not match shape {shape}"
             )
@@ -79,6 +84,34 @@ def read_header(path: str | os.PathLike[str]) -> Header:
                 f"{path}: truncated: tensor {name!r} needs bytes up to {end} but the file holds "
                 f"{data_len} data bytes"
             )
+        ranges.append((start, end, name))
+    ranges.sort()
+    for (_, end_a, a), (start_b, end_b, b) in zip(ranges, ranges[1:]):
+        if start_b < end_a and end_b > start_b:
+            raise ModelLoadError(f"{path}: tensors {a!r} and {b!r}: data_offsets overlap")
     return Header(header, metadata, 8 + header_len)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry(path: Path, name: str, info: Any) -> tuple[str, list[int], tuple[int, int]]:
+    """(dtype, shape, (start, end)) of one header entry, each field checked."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise ModelLoadError(f"{where}: malformed header entry (expected a mapping)")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in info:
+            raise ModelLoadError(f"{where}: malformed header entry (no {key!r})")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+        raise ModelLoadError(f"{where}: dtype: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+        raise ModelLoadError(f"{where}: shape: expected a list of non-negative integers, got "
+                             f"{shape!r:.80}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets) \
+            or offsets[0] > offsets[1]:
+        raise ModelLoadError(f"{where}: data_offsets: expected [start, end] with 0 <= start <= "
+                             f"end, got {offsets!r:.80}")
+    return dtype, shape, (offsets[0], offsets[1])

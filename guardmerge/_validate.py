@@ -1,40 +1,87 @@
 """Strict validation helpers for YAML configs: every problem names the file and the key path,
-and all problems are collected before one error is raised."""
+and all problems are collected before one error is raised.
+
+YAML is read with ``safe_load`` semantics plus two rules: a configuration file is at most
+``MAX_CONFIG_BYTES`` (1 MiB), and a key given twice in one mapping is an error (plain YAML
+keeps the last one silently). Every number must be finite: ``.nan`` and ``.inf`` are errors.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import os
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
 import yaml
 
-from .exceptions import ConfigError
+from ._files import MAX_CONFIG_BYTES, read_text
+from .exceptions import ConfigError, GuardmergeError
 
-E = TypeVar("E", bound=ConfigError)
+E = TypeVar("E", bound=GuardmergeError)
 _MISSING = object()
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated in one mapping (merge keys excepted)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable: the base class reports it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {first + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | os.PathLike[str], error: type[E]) -> Any:
-    """``yaml.safe_load`` a file; problems become ``error`` naming the file (and line)."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise error(f"{p}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise error(f"{p}: cannot read: {exc}") from exc
-    return parse_yaml(text, str(p), error)
+    """Read a YAML file (a regular file of at most 1 MiB); problems become ``error`` naming the
+    file (and line)."""
+    text = read_text(path, error, limit=MAX_CONFIG_BYTES, what="configuration file")
+    return parse_yaml(text, str(path), error)
 
 
 def parse_yaml(text: str, source: str, error: type[E]) -> Any:
+    if len(text) > MAX_CONFIG_BYTES or \
+            len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
+        raise error(f"{source}: over the limit of {MAX_CONFIG_BYTES:,} bytes for a configuration")
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise error(f"{source}: invalid YAML{where}: {problem}") from exc
+
+
+def parse_json(text: str, source: str, error: type[E]) -> Any:
+    """``json.loads`` that refuses duplicate keys and non-finite numbers (NaN, Infinity)."""
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in items:
+            if key in out:
+                raise ValueError(f"duplicate key {key!r}")
+            out[key] = value
+        return out
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"non-finite number {name}")
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+    except RecursionError:
+        raise error(f"{source}: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError is a ValueError
+        raise error(f"{source}: not valid JSON ({exc})") from None
 
 
 class Checker:
@@ -50,7 +97,9 @@ class Checker:
 
     def raise_if_any(self, error: type[E]) -> None:
         if self.problems:
-            raise error(self.problems, source=self.source)
+            if issubclass(error, ConfigError):
+                raise error(self.problems, source=self.source)
+            raise error("; ".join(self.problems))
 
     # -- typed getters: return the value, or None after recording a problem ---------------------
 
@@ -82,6 +131,9 @@ class Checker:
             self.add(path, f"expected a number{_range(lo, hi, lo_open)}, got {_kind(value)}")
             return None
         v = float(value)
+        if not math.isfinite(v):
+            self.add(path, f"expected a finite number{_range(lo, hi, lo_open)}, got {value}")
+            return None
         if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
             self.add(path, f"expected a number{_range(lo, hi, lo_open)}, got {value}")
             return None

@@ -9,6 +9,11 @@ Layout (every file is also what plain ``AutoModelForSequenceClassification`` exp
 
 A plain single-head classifier folder (no manifest) is read as a bundle of one head named after
 the folder. Weights are safetensors only: pickle files are refused, never unpickled.
+
+Every file is read only if it is a regular file inside the bundle folder (symlinks resolved;
+for a Hub download, inside that model's cache folder): an index entry with ``..`` or an
+absolute path, a symlink out, a FIFO or a device is a ``ModelLoadError`` naming the file, and
+so is every malformed manifest or header field. The manifest is at most 1 MiB.
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
-
+from ._files import MAX_CONFIG_BYTES, MAX_JSON_BYTES, open_regular, read_text
 from ._safetensors import read_header
+from ._validate import Checker, parse_json, parse_yaml
 from .exceptions import ModelLoadError
 from .labels import Head, check_heads, duplicates, head_name_from_id, qualified_label
 
@@ -143,32 +148,57 @@ def resolve_model_dir(model: str | os.PathLike[str], revision: str | None = None
     return local, local.name if len(local.name) == 40 else revision
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file's content; a ModelLoadError naming the file if it is missing or invalid."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelLoadError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
+def folder_root(folder: Path) -> Path:
+    """The folder a model's files must lie in: the folder itself, or for a Hugging Face cache
+    snapshot (``models--org--name/snapshots/<rev>``, whose files link to ``../../blobs``) that
+    model's cache folder."""
+    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
+        return folder.parent.parent
+    return folder
+
+
+def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
+    """A JSON file inside its model folder (regular file, size-capped, no duplicate keys); a
+    ModelLoadError naming the file and the problem."""
+    text = read_text(path, ModelLoadError, root=folder_root(path.parent), limit=limit)
+    return parse_json(text, str(path), ModelLoadError)
+
+
+def _check_file(folder: Path, path: Path, what: str = "file") -> Path:
+    """``path`` must be a regular file inside the folder (else a ModelLoadError naming it)."""
+    os.close(open_regular(path, ModelLoadError, root=folder_root(folder), what=what))
+    return path
+
+
+def _shard_name(index: Path, key: str, name: Any) -> str:
+    where = f"{index}: weight_map[{key!r}]"
+    if not isinstance(name, str) or not name:
+        raise ModelLoadError(f"{where}: expected a file name, got {type(name).__name__}")
+    if Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name or ":" in name:
+        raise ModelLoadError(f"{where}: {name!r} is not a file name inside the bundle folder "
+                             "(absolute paths and '..' are refused)")
+    return name
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors weight files of a model folder (one file, or the shards of an index)."""
+    """The safetensors weight files of a model folder (one file, or the shards of an index),
+    each checked to be a regular file inside the folder."""
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
-    if single.exists():
-        return [single]
+    if single.exists() or single.is_symlink():
+        return [_check_file(folder, single, "weights file")]
     if index.exists():
         data = read_json(index)
-        try:
-            names = sorted(set(data["weight_map"].values()))
-        except (KeyError, AttributeError, TypeError) as exc:
-            raise ModelLoadError(f"{index}: no 'weight_map'") from exc
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{index}: weight_map: expected a mapping of tensor names to "
+                                 "shard files")
+        names = sorted({_shard_name(index, k, v) for k, v in weight_map.items()})
         files = [folder / n for n in names]
         for f in files:
-            if not f.exists():
+            if not f.exists() and not f.is_symlink():
                 raise ModelLoadError(f"{f}: missing (listed in {index.name})")
+            _check_file(folder, f, "weights file")
         return files
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickles:
@@ -187,13 +217,19 @@ def _id2label(config: Mapping[str, Any], config_path: Path) -> list[str] | None:
         if isinstance(n, int) and n > 0:
             return [f"LABEL_{i}" for i in range(n)]
         return None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{config_path}: id2label: expected a mapping of ids to labels")
     try:
         items = sorted((int(k), v) for k, v in raw.items())
-    except (ValueError, AttributeError) as exc:
+    except (ValueError, TypeError) as exc:
         raise ModelLoadError(f"{config_path}: id2label keys must be integers") from exc
     if [k for k, _ in items] != list(range(len(items))):
         raise ModelLoadError(f"{config_path}: id2label must have ids 0..{len(items) - 1}")
-    labels = [str(v) for _, v in items]
+    for k, v in items:
+        if not isinstance(v, str) or not v:
+            raise ModelLoadError(f"{config_path}: id2label[{k}]: expected a non-empty string, "
+                                 f"got {type(v).__name__}")
+    labels = [v for _, v in items]
     dupes = duplicates(labels)
     if dupes:
         raise ModelLoadError(f"{config_path}: duplicate label names in id2label: {dupes}")
@@ -203,15 +239,14 @@ def _id2label(config: Mapping[str, Any], config_path: Path) -> list[str] | None:
 def _read_manifest(folder: Path) -> tuple[Path | None, dict[str, Any] | None]:
     for name in _MANIFEST_NAMES:
         path = folder / name
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             continue
         if name.endswith(".json"):
-            data = read_json(path)
+            data = read_json(path, MAX_CONFIG_BYTES)
         else:
-            try:
-                data = yaml.safe_load(path.read_text(encoding="utf-8"))
-            except (OSError, yaml.YAMLError) as exc:
-                raise ModelLoadError(f"{path}: not valid YAML ({exc})") from exc
+            text = read_text(path, ModelLoadError, root=folder_root(folder),
+                             limit=MAX_CONFIG_BYTES, what="manifest")
+            data = parse_yaml(text, str(path), ModelLoadError)
         if not isinstance(data, dict):
             raise ModelLoadError(f"{path}: manifest must be a mapping")
         return path, data
@@ -219,27 +254,39 @@ def _read_manifest(folder: Path) -> tuple[Path | None, dict[str, Any] | None]:
 
 
 def _heads_from_manifest(path: Path, manifest: Mapping[str, Any]) -> tuple[Head, ...]:
+    """The manifest's heads; every malformed field is a ModelLoadError naming file and field."""
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise ModelLoadError(
             f"{path}: format_version is {version!r}; this guardmerge reads version {FORMAT_VERSION}"
         )
+    c = Checker(str(path))
     raw_heads = manifest.get("heads")
     if not isinstance(raw_heads, list) or not raw_heads:
-        raise ModelLoadError(f"{path}: 'heads' must be a non-empty list")
+        raise ModelLoadError(f"{path}: heads: expected a non-empty list")
     heads = []
     for i, h in enumerate(raw_heads):
-        if not isinstance(h, dict) or "name" not in h or "labels" not in h:
-            raise ModelLoadError(f"{path}: heads[{i}] needs 'name' and 'labels'")
-        if not isinstance(h["labels"], list):
-            raise ModelLoadError(f"{path}: heads[{i}].labels must be a list")
-        src = h.get("source") or {}
+        where = f"heads[{i}]"
+        h = c.mapping(h, where, required=("name", "labels"))
+        if h is None:
+            continue
+        name = c.string(h.get("name"), f"{where}.name") if "name" in h else None
+        labels = c.string_list(h.get("labels"), f"{where}.labels", allow_single=False) \
+            if "labels" in h else None
+        offset = c.integer(h.get("offset"), f"{where}.offset", lo=0) if "offset" in h else -1
+        src = h.get("source")
+        if src is None:
+            src = {}
+        src = c.mapping(src, f"{where}.source") or {}
+        for key in ("id", "revision", "sha256"):
+            if src.get(key) is not None:
+                c.string(src[key], f"{where}.source.{key}")
         extra = {k: v for k, v in h.items() if k not in {"name", "labels", "offset", "source"}}
-        heads.append(Head(
-            name=str(h["name"]), labels=tuple(str(x) for x in h["labels"]),
-            offset=int(h.get("offset", -1)), source=src.get("id"), revision=src.get("revision"),
-            sha256=src.get("sha256"), extra=extra,
-        ))
+        if name is None or labels is None or offset is None or c.problems:
+            continue
+        heads.append(Head(name=name, labels=tuple(labels), offset=offset, source=src.get("id"),
+                          revision=src.get("revision"), sha256=src.get("sha256"), extra=extra))
+    c.raise_if_any(ModelLoadError)
     return tuple(heads)
 
 
@@ -248,7 +295,7 @@ def inspect_bundle(model: str | os.PathLike[str], revision: str | None = None) -
     folder, hub_revision = resolve_model_dir(model, revision)
     config_path = folder / "config.json"
     config = read_json(config_path)
-    if not isinstance(config, dict) or "model_type" not in config:
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise ModelLoadError(f"{config_path}: not a transformers config (no model_type)")
     if config.get("auto_map"):
         raise ModelLoadError(
@@ -267,6 +314,9 @@ def inspect_bundle(model: str | os.PathLike[str], revision: str | None = None) -
                                  "(is this a sequence classifier?)")
         labels = [f"LABEL_{i}" for i in range(out["shape"][0])]
     vocab_files = [name for name, has_vocab in TOKENIZER_FILES.items() if has_vocab]
+    for name in TOKENIZER_FILES:  # transformers reads these: regular files inside the folder
+        if (folder / name).exists() or (folder / name).is_symlink():
+            _check_file(folder, folder / name, "tokenizer file")
     if not any((folder / f).exists() for f in vocab_files):
         raise ModelLoadError(f"{folder}: no tokenizer files (expected one of "
                              f"{', '.join(vocab_files)})")

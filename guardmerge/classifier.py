@@ -13,6 +13,7 @@ interface, the scores and ``FunctionClassifier`` need neither.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass, field, replace
@@ -36,6 +37,7 @@ __all__ = [
     "HeadScores",
     "per_head_softmax",
     "resolve_dtype",
+    "validate_scores",
 ]
 
 logger = logging.getLogger("guardmerge.classifier")
@@ -186,6 +188,55 @@ class Classifier:
         self.heads = (Head(name=h.name, labels=tuple(labels), offset=0),)
 
 
+_SLACK = 1e-4  # float32 softmax rounding
+
+
+def validate_scores(results: Any, n_texts: int, heads: Sequence[Head], name: str) -> None:
+    """A ``ClassifierError`` unless ``results`` is one ``TextScores`` per text, each with every
+    head and exactly its labels, finite probabilities in [0, 1] and valid window indices.
+
+    A guard that gets fewer results than texts, a missing head or a NaN would otherwise pass
+    text it never scored; the guard treats this error as a failure (``on_error``).
+    """
+    where = f"classifier {name or '?'}"
+    if not isinstance(results, (list, tuple)) or len(results) != n_texts:
+        got = len(results) if isinstance(results, (list, tuple)) else type(results).__name__
+        raise ClassifierError(f"{where} returned {got} results for {n_texts} texts")
+    for i, r in enumerate(results):
+        if not isinstance(r, TextScores):
+            raise ClassifierError(f"{where}: result {i} is a {type(r).__name__}, not TextScores")
+        if not isinstance(r.heads, Mapping) or not isinstance(r.windows, list) or not r.windows:
+            raise ClassifierError(f"{where}: result {i} has no heads or no windows")
+        for h in heads:
+            hs = r.heads.get(h.name)
+            if not isinstance(hs, HeadScores):
+                raise ClassifierError(f"{where}: result {i} has no head {h.name!r}")
+            if not isinstance(hs.scores, Mapping) or set(hs.scores) != set(h.labels) or \
+                    not isinstance(hs.windows, Mapping) or set(hs.windows) != set(h.labels):
+                got = sorted(map(str, hs.scores)) if isinstance(hs.scores, Mapping) else hs.scores
+                raise ClassifierError(f"{where}: result {i}, head {h.name!r}: labels {got}, "
+                                      f"expected {list(h.labels)}")
+            for label in h.labels:
+                v, w = hs.scores[label], hs.windows[label]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                        or not -_SLACK <= v <= 1 + _SLACK:
+                    raise ClassifierError(f"{where}: result {i}, {h.name}:{label} = {v!r} is not "
+                                          "a probability (finite, in [0, 1])")
+                if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w < len(r.windows):
+                    raise ClassifierError(f"{where}: result {i}, {h.name}:{label}: window {w!r} "
+                                          f"is not one of its {len(r.windows)} windows")
+
+
+def check_finite_weights(model: Any, where: str) -> None:
+    """A ``ModelLoadError`` naming the first parameter or buffer holding NaN or infinity."""
+    import torch
+
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelLoadError(f"{where}: tensor {name!r} holds NaN or infinite values; a "
+                                 "guard with non-finite weights cannot score text")
+
+
 def per_head_softmax(logits: "torch.Tensor", heads: Sequence[Head]) -> "torch.Tensor":
     """Softmax over each head's slice of the last dimension separately (float32 result)."""
     import torch
@@ -325,6 +376,7 @@ class BundleClassifier(Classifier):
         except Exception as exc:
             raise ModelLoadError(f"{info.path}: cannot load the model: {exc}") from exc
         net.eval()
+        check_finite_weights(net, str(info.path))
         config_max = int(getattr(net.config, "max_position_embeddings", 512) or 512)
         if net.config.model_type in {"roberta", "xlm-roberta", "camembert"}:
             config_max -= 2  # position ids start after the padding index

@@ -136,15 +136,26 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _read_text(arg: str) -> str:
+    """The text to scan: the argument, standard input (``-``) or a file (``@FILE``), read as
+    UTF-8. Bytes that are not UTF-8 are a usage error naming the source and the offset: a
+    replacement character would scan a different text than the one the LLM gets."""
     if arg == "-":
-        return sys.stdin.read()
-    if arg.startswith("@"):
+        if getattr(sys.stdin, "buffer", None) is None:  # already text (an embedding app's stdin)
+            return sys.stdin.read()
+        data, source = sys.stdin.buffer.read(), "standard input"
+    elif arg.startswith("@"):
         path = Path(arg[1:])
         try:
-            return path.read_text(encoding="utf-8")
+            data, source = path.read_bytes(), str(path)
         except OSError as exc:
             raise _UsageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    return arg
+    else:
+        return arg
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _UsageError(f"{source}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                          f"{exc.start}); scan reads UTF-8 only") from None
 
 
 def _quiet_transformers(verbose: bool) -> None:

@@ -1,31 +1,47 @@
 """Guard an OpenAI-style client: ``guarded = guard_client(client, guard)``.
 
-``guarded.chat.completions.create(**same kwargs)`` checks the prompt before the upstream call
-and the response after it (for streams, window by window as the text grows, then once more in
-full at the end). The guard acts at the call, never inside the HTTP transport: the SDK retries
-and re-wraps transport exceptions, so a block raised there would be scanned several times and
-reported as a connection error.
+Every request path of the guarded client that can carry text to a model is guarded or
+refused; none passes through unguarded by default:
 
-Works with ``openai.OpenAI`` / ``openai.AsyncOpenAI`` (responses stay SDK objects) and with
-guardmerge's ``ChatClient`` / ``AsyncChatClient`` (dicts). Every verdict of a guarded call
-(prompt and response, pass included) reaches ``on_verdict``; flags also reach ``on_flag``.
-Everything except ``chat.completions.create`` passes through untouched; ``with_options``
-returns a guarded client. ``chat.completions.with_raw_response`` / ``with_streaming_response``
-are NOT guarded.
+- guarded, prompt before the upstream call and response after it (streamed: window by window,
+  then once more in full): ``chat.completions.create`` / ``parse`` / ``stream``,
+  ``completions.create`` (legacy), ``responses.create`` / ``parse`` / ``stream`` (and their
+  ``beta.`` twins), each also through ``with_raw_response`` and ``with_streaming_response`` at
+  any level, and on ``copy()`` / ``with_options()`` clients;
+- passed through, because they carry no text to or from a model: ``models.list`` /
+  ``retrieve`` / ``delete``, ``close``, ``is_closed``, and plain attributes (``base_url``,
+  ``timeout``, ...);
+- everything else (embeddings, audio, images, files, batches, the assistants and realtime
+  APIs, stored completions, raw ``client.post``, private attributes, any method a future SDK
+  adds) raises ``UnguardedCallError`` naming the method when called. ``guarded.wrapped`` is the
+  unguarded client, for calls you deliberately do not guard.
+
+The guard acts at the call, never inside the HTTP transport: the SDK retries and re-wraps
+transport exceptions, so a block raised there would be scanned several times and reported as
+a connection error. Works with ``openai.OpenAI`` / ``openai.AsyncOpenAI`` (responses stay SDK
+objects) and with guardmerge's ``ChatClient`` / ``AsyncChatClient`` (dicts). Every verdict of
+a guarded call (prompt and response, pass included) reaches ``on_verdict``; flags also reach
+``on_flag``.
+
+A raw HTTP response cannot be rewritten, so through ``with_raw_response`` /
+``with_streaming_response`` a block always raises (``PromptBlockedError`` /
+``ResponseBlockedError``), whatever ``on_block`` says; a streamed raw response hands out only
+``parse()`` (the guarded stream) and its metadata, never its body.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import replace
+from enum import Enum
 from typing import Any, AsyncIterator, Callable, Iterator, Literal, Mapping
 
-from .exceptions import ConfigError, PromptBlockedError, ResponseBlockedError
+from ._apis import API, CHAT, COMPLETIONS, RESPONSES
+from ._stream import DONE, NEED_DATA, Blocked, Check, Emit, StreamMachine
+from .exceptions import ConfigError, PromptBlockedError, ResponseBlockedError, UnguardedCallError
 from .guard import Guard
 from .verdict import Action, Verdict
 
-__all__ = ["guard_client", "GuardedClient", "AsyncGuardedClient"]
+__all__ = ["guard_client", "GuardedClient", "AsyncGuardedClient", "ROUTES", "SAFE_CALLS"]
 
 logger = logging.getLogger("guardmerge.client")
 
@@ -33,26 +49,39 @@ OnBlock = Literal["raise", "refuse"]
 StreamMode = Literal["hold", "release"]
 VerdictCallback = Callable[[Verdict], Any]
 
+#: guarded methods: path (without ``with_raw_response`` / ``with_streaming_response``) ->
+#: (API, "create" | "stream"); "stream" is the SDK's stream manager over the guarded create
+ROUTES: dict[tuple[str, ...], tuple[API, str]] = {}
+for _prefix in ((), ("beta",)):
+    ROUTES[(*_prefix, "chat", "completions", "create")] = (CHAT, "create")
+    ROUTES[(*_prefix, "chat", "completions", "parse")] = (CHAT, "create")
+    ROUTES[(*_prefix, "chat", "completions", "stream")] = (CHAT, "stream")
+    ROUTES[(*_prefix, "responses", "create")] = (RESPONSES, "create")
+ROUTES[("completions", "create")] = (COMPLETIONS, "create")
+ROUTES[("responses", "parse")] = (RESPONSES, "create")
+ROUTES[("responses", "stream")] = (RESPONSES, "stream")
+#: methods passed through unguarded: they carry no text to or from a model
+SAFE_CALLS = frozenset({("models", "list"), ("models", "retrieve"), ("models", "delete"),
+                        ("close",), ("is_closed",)})
+_MODES = ("with_raw_response", "with_streaming_response")
+_RAW_METADATA = frozenset({"headers", "status_code", "url", "method", "http_version", "elapsed",
+                           "is_closed", "request_id", "retries_taken", "http_request"})
 
-def _get(obj: Any, key: str, default: Any = None) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(key, default)
-    return getattr(obj, key, default)
 
-
-def _to_dict(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return obj
-    dump = getattr(obj, "model_dump", None)
-    return dump(exclude_unset=False) if callable(dump) else obj
+def _is_data(value: Any) -> bool:
+    """Plain attribute values (passed through); anything else is a namespace to guard."""
+    if isinstance(value, (str, bytes, int, float, complex, bool, type(None), Mapping, list,
+                          tuple, set, frozenset, Enum, type)):
+        return True
+    return type(value).__name__ in ("URL", "Timeout", "NotGiven", "Omit", "Headers")
 
 
 class _Core:
-    """Everything the sync and async wrappers share: decisions, shapes, stream bookkeeping."""
+    """What every guarded call shares: the guard, the options, the decisions."""
 
     def __init__(self, guard: Guard, *, on_block: OnBlock, on_flag: VerdictCallback | None,
                  on_verdict: VerdictCallback | None, check_output: bool, stream_mode: StreamMode,
-                 window_chars: int, overlap_chars: int, sdk_types: bool) -> None:
+                 window_chars: int, overlap_chars: int, sdk_types: bool, is_async: bool) -> None:
         if on_block not in ("raise", "refuse"):
             raise ConfigError(f"on_block must be 'raise' or 'refuse', got {on_block!r}")
         if stream_mode not in ("hold", "release"):
@@ -69,213 +98,119 @@ class _Core:
         self.window_chars = window_chars
         self.overlap_chars = overlap_chars
         self.sdk_types = sdk_types
+        self.is_async = is_async
 
-    # -- verdicts ----------------------------------------------------------------------------
+    @property
+    def refusal_message(self) -> str:
+        return self.guard.policy.refusal_message
 
-    def note(self, verdict: Verdict) -> None:
+    @property
+    def tool_calls(self) -> bool:
+        return self.guard.policy.output.check_tool_calls
+
+    def note(self, verdict: Verdict) -> Verdict:
         if self.on_verdict is not None:
             self.on_verdict(verdict)
         if verdict.action is Action.FLAG:
             logger.warning("guard flagged %s", verdict.summary())
             if self.on_flag is not None:
                 self.on_flag(verdict)
+        return verdict
 
-    def refusal(self, model: str, verdict: Verdict) -> Any:
-        payload = {
-            "id": f"guardmerge-{int(time.time() * 1000)}", "object": "chat.completion",
-            "created": int(time.time()), "model": model or "guardmerge",
-            "choices": [{"index": 0, "finish_reason": "content_filter", "logprobs": None,
-                         "message": {"role": "assistant", "content": self.guard.policy.refusal_message}}],
-        }
-        return self._shape(payload, "ChatCompletion")
-
-    def _shape(self, payload: dict[str, Any], kind: str) -> Any:
-        if not self.sdk_types:
-            return payload
-        from openai.types.chat import ChatCompletion, ChatCompletionChunk
-
-        cls = ChatCompletion if kind == "ChatCompletion" else ChatCompletionChunk
-        return cls.model_validate(payload)
-
-    def input_outcome(self, kwargs: Mapping[str, Any], verdict: Verdict) -> Any:
-        """None to go on; a refusal response; or raises PromptBlockedError."""
+    def prompt_outcome(self, api: API, kwargs: Mapping[str, Any], verdict: Verdict,
+                       mode: str | None) -> Any:
+        """None to go on; a refusal (response, or the items of a refused stream); or raises."""
         self.note(verdict)
         if not verdict.blocked:
             return None
-        if self.on_block == "raise":
+        if self.on_block == "raise" or mode is not None:
             raise PromptBlockedError(verdict)
         if kwargs.get("stream"):
-            return [self.end_chunk({"model": kwargs.get("model", "guardmerge")}, 0, False)]
-        return self.refusal(str(kwargs.get("model", "")), verdict)
+            return api.early_stream(kwargs, self.refusal_message, self.sdk_types)
+        return api.refuse_prompt(kwargs, self.refusal_message, self.sdk_types)
 
-    def output_items(self, response: Any) -> list[dict[str, Any]]:
-        """One item per choice: its content (and tool-call arguments if the policy asks)."""
-        items = []
-        for choice in _get(response, "choices", []) or []:
-            message = _get(choice, "message") or {}
-            parts = []
-            content = _get(message, "content")
-            if content:
-                parts.append(content if isinstance(content, str) else str(content))
-            refusal = _get(message, "refusal")
-            if refusal:
-                parts.append(str(refusal))
-            if self.guard.policy.output.check_tool_calls:
-                for call in _get(message, "tool_calls") or []:
-                    fn = _get(call, "function") or {}
-                    parts.append(f"{_get(fn, 'name', '')}({_get(fn, 'arguments', '')})")
-            items.append({"role": "assistant", "content": "\n\n".join(parts)})
-        return items
-
-    def output_outcome(self, response: Any, verdict: Verdict) -> Any:
+    def output_outcome(self, api: API, response: Any, verdict: Verdict, mode: str | None) -> Any:
         self.note(verdict)
         if not verdict.blocked:
             return response
-        if self.on_block == "raise":
+        if self.on_block == "raise" or mode is not None:
             raise ResponseBlockedError(verdict)
-        blocked = {f.message_index for f in verdict.findings if f.action is Action.BLOCK}
-        if None in blocked:  # the guard itself failed: every choice is withheld
-            blocked = set(range(len(_get(response, "choices", []) or [])))
-        data = dict(_to_dict(response))
-        choices = []
-        for i, choice in enumerate(data.get("choices") or []):
-            choice = dict(_to_dict(choice))
-            if i in blocked:
-                choice["finish_reason"] = "content_filter"
-                choice["message"] = {"role": "assistant",
-                                     "content": self.guard.policy.refusal_message}
-            choices.append(choice)
-        data["choices"] = choices
-        if isinstance(response, Mapping):
-            return data
-        return type(response).model_validate(data)
+        return api.refuse_output(response, verdict, self.refusal_message)
 
-    def end_chunk(self, last: Any, choice_index: int, released_text: bool) -> Any:
-        delta = {} if released_text else {"role": "assistant",
-                                          "content": self.guard.policy.refusal_message}
-        payload = {"id": _get(last, "id", "guardmerge"), "object": "chat.completion.chunk",
-                   "created": _get(last, "created", int(time.time())),
-                   "model": _get(last, "model", "guardmerge"),
-                   "choices": [{"index": choice_index, "delta": delta,
-                                "finish_reason": "content_filter"}]}
-        return self._shape(payload, "ChatCompletionChunk")
+    def machine(self, api: API) -> StreamMachine:
+        """A fresh hold-back machine for one stream of ``api``."""
+        reader = api.reader(self.tool_calls, self.refusal_message, self.sdk_types)
+        return StreamMachine(reader.read, window_chars=self.window_chars,
+                             overlap_chars=self.overlap_chars, hold=self.stream_mode == "hold",
+                             tail=reader.tail,
+                             error=lambda exc: self.guard.policy.error_verdict("output", exc))
 
 
-class _StreamState:
-    """Sans-IO hold-back bookkeeping for one stream.
+# -- the two stream drivers: I/O only, every decision is the machine's ---------------------------
 
-    ``feed(chunk)`` records a chunk; ``due()`` gives the text windows that must be checked now
-    (one per choice whose unchecked text reached ``window_chars``); after they pass,
-    ``release()`` gives the chunks the caller may see. In ``hold`` mode no chunk is released
-    before all text it carries was checked; in ``release`` mode chunks go out at once.
-    """
 
-    def __init__(self, core: _Core) -> None:
-        self.core = core
-        self.held: list[Any] = []
-        self.text: dict[int, str] = {}
-        self.checked: dict[int, int] = {}
-        self.released_text: dict[int, bool] = {}
-        self.last: Any = None
+class _StreamCloser:
+    """``stream.response`` for the SDK's stream helpers: closing it closes the guarded stream."""
 
-    def feed(self, chunk: Any) -> None:
-        self.last = chunk
-        self.held.append(chunk)
-        for choice in _get(chunk, "choices", []) or []:
-            idx = int(_get(choice, "index", 0) or 0)
-            delta = _get(choice, "delta") or {}
-            piece = _get(delta, "content") or ""
-            if self.core.guard.policy.output.check_tool_calls:
-                for call in _get(delta, "tool_calls") or []:
-                    piece += _get(_get(call, "function") or {}, "arguments", "") or ""
-            if piece:
-                self.text[idx] = self.text.get(idx, "") + piece
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
 
-    def due(self, final: bool = False) -> list[tuple[int, str]]:
-        out = []
-        for idx, text in self.text.items():
-            done = self.checked.get(idx, 0)
-            if final:
-                out.append((idx, text))  # the definitive check: the whole text, as non-streaming
-            elif len(text) - done >= self.core.window_chars:
-                out.append((idx, text[max(0, done - self.core.overlap_chars):]))
-        return out
+    def close(self) -> None:
+        self._stream.close()
 
-    def mark_checked(self) -> None:
-        for idx, text in self.text.items():
-            self.checked[idx] = len(text)
-
-    def release(self) -> list[Any]:
-        out, self.held = self.held, []
-        for chunk in out:
-            for choice in _get(chunk, "choices", []) or []:
-                if _get(_get(choice, "delta") or {}, "content"):
-                    self.released_text[int(_get(choice, "index", 0) or 0)] = True
-        return out
-
-    def record_check(self, checks: list[tuple[int, str]], verdict: Verdict) -> Verdict:
-        """Record a finished check: findings name the choice (not the position in this batch),
-        the checked text is marked, and flags reach the callback."""
-        verdict.findings = [replace(f, message_index=checks[f.message_index][0])
-                            if f.message_index is not None else f for f in verdict.findings]
-        self.mark_checked()
-        self.core.note(verdict)
-        return verdict
-
-    def blocked_tail(self, verdict: Verdict) -> list[Any]:
-        """What the caller gets after a block in 'refuse' mode: one content_filter chunk per
-        blocked choice (with the refusal text if none of that choice's text went out)."""
-        self.held = []
-        blocked = sorted({f.message_index for f in verdict.findings
-                          if f.action is Action.BLOCK and f.message_index is not None} or {0})
-        return [self.core.end_chunk(self.last, i, self.released_text.get(i, False))
-                for i in blocked]
+    async def aclose(self) -> None:
+        await self._stream.close()
 
 
 class GuardedStream:
     """A guarded sync stream: iterate it, ``close()`` it, or use it in ``with``."""
 
-    def __init__(self, upstream: Any, core: _Core) -> None:
+    def __init__(self, upstream: Any, core: _Core, api: API) -> None:
         self._upstream = upstream
         self._core = core
-        self._state = _StreamState(core)
+        self._machine = core.machine(api)
         self._iter = self._run()
-        self.verdict: Verdict | None = None
+        self.response = _StreamCloser(self)
 
-    def _check(self, final: bool) -> Verdict | None:
-        checks = self._state.due(final)
-        if not checks:
-            return None
-        return self._state.record_check(checks, self._core.guard.check([t for _, t in checks], "output"))
+    @property
+    def verdict(self) -> Verdict | None:
+        """The last verdict: the final check's, or the one that blocked (None: no text)."""
+        return self._machine.verdict
 
     def _run(self) -> Iterator[Any]:
-        state = self._state
+        machine = self._machine
         try:
-            for chunk in self._upstream:
-                state.feed(chunk)
-                if self._core.stream_mode == "release":
-                    yield from state.release()
-                verdict = self._check(final=False)
-                if verdict is not None and verdict.blocked:
-                    yield from self._block(verdict)
+            for item in self._upstream:
+                machine.feed(item)
+                yield from self._drain()
+                if machine.stopped:
                     return
-                if verdict is not None or not state.text:
-                    yield from state.release()
-            verdict = self._check(final=True)
-            self.verdict = verdict
-            if verdict is not None and verdict.blocked:
-                yield from self._block(verdict)
-                return
-            yield from state.release()
+            machine.finish()
+            yield from self._drain()
         finally:
             self._close_upstream()
 
-    def _block(self, verdict: Verdict) -> Iterator[Any]:
-        self.verdict = verdict
-        self._close_upstream()
-        if self._core.on_block == "raise":
-            raise ResponseBlockedError(verdict)
-        yield from self._state.blocked_tail(verdict)
+    def _drain(self) -> Iterator[Any]:
+        machine, core = self._machine, self._core
+        while True:
+            event = machine.next_event()
+            if isinstance(event, Check):
+                try:
+                    result: Any = core.guard.check(event.texts, "output")
+                except Exception as exc:  # follows on_error; held text stays held
+                    result = exc
+                core.note(machine.checked_result(result))
+            elif isinstance(event, Emit):
+                yield from event.items
+            elif isinstance(event, Blocked):
+                self._close_upstream()
+                if core.on_block == "raise" or not event.tail:
+                    raise ResponseBlockedError(event.verdict)
+                yield from event.tail
+                return
+            else:
+                assert event in (NEED_DATA, DONE)
+                return
 
     def _close_upstream(self) -> None:
         close = getattr(self._upstream, "close", None)
@@ -302,54 +237,55 @@ class GuardedStream:
 class AsyncGuardedStream:
     """A guarded async stream: ``async for``, ``await close()``, or ``async with``."""
 
-    def __init__(self, upstream: Any, core: _Core) -> None:
+    def __init__(self, upstream: Any, core: _Core, api: API) -> None:
         self._upstream = upstream
         self._core = core
-        self._state = _StreamState(core)
+        self._machine = core.machine(api)
         self._iter = self._run()
-        self.verdict: Verdict | None = None
+        self.response = _StreamCloser(self)
 
-    async def _check(self, final: bool) -> Verdict | None:
-        checks = self._state.due(final)
-        if not checks:
-            return None
-        verdict = await self._core.guard.acheck([t for _, t in checks], "output")
-        return self._state.record_check(checks, verdict)
+    @property
+    def verdict(self) -> Verdict | None:
+        return self._machine.verdict
 
     async def _run(self) -> AsyncIterator[Any]:
-        state = self._state
+        machine = self._machine
         try:
-            async for chunk in self._upstream:
-                state.feed(chunk)
-                if self._core.stream_mode == "release":
-                    for c in state.release():
-                        yield c
-                verdict = await self._check(final=False)
-                if verdict is not None and verdict.blocked:
-                    async for c in self._block(verdict):
-                        yield c
+            async for item in self._upstream:
+                machine.feed(item)
+                async for out in self._drain():
+                    yield out
+                if machine.stopped:
                     return
-                if verdict is not None or not state.text:
-                    for c in state.release():
-                        yield c
-            verdict = await self._check(final=True)
-            self.verdict = verdict
-            if verdict is not None and verdict.blocked:
-                async for c in self._block(verdict):
-                    yield c
-                return
-            for c in state.release():
-                yield c
+            machine.finish()
+            async for out in self._drain():
+                yield out
         finally:
             await self._close_upstream()
 
-    async def _block(self, verdict: Verdict) -> AsyncIterator[Any]:
-        self.verdict = verdict
-        await self._close_upstream()
-        if self._core.on_block == "raise":
-            raise ResponseBlockedError(verdict)
-        for c in self._state.blocked_tail(verdict):
-            yield c
+    async def _drain(self) -> AsyncIterator[Any]:
+        machine, core = self._machine, self._core
+        while True:
+            event = machine.next_event()
+            if isinstance(event, Check):
+                try:
+                    result: Any = await core.guard.acheck(event.texts, "output")
+                except Exception as exc:  # follows on_error; held text stays held
+                    result = exc
+                core.note(machine.checked_result(result))
+            elif isinstance(event, Emit):
+                for item in event.items:
+                    yield item
+            elif isinstance(event, Blocked):
+                await self._close_upstream()
+                if core.on_block == "raise" or not event.tail:
+                    raise ResponseBlockedError(event.verdict)
+                for item in event.tail:
+                    yield item
+                return
+            else:
+                assert event in (NEED_DATA, DONE)
+                return
 
     async def _close_upstream(self) -> None:
         close = getattr(self._upstream, "close", None) or getattr(self._upstream, "aclose", None)
@@ -380,83 +316,226 @@ async def _aiter(items: list[Any]) -> AsyncIterator[Any]:
         yield item
 
 
-class _Passthrough:
-    """Forwards every attribute to the wrapped object, except those a subclass defines."""
+# -- raw and streamed HTTP responses --------------------------------------------------------------
 
-    def __init__(self, wrapped: Any) -> None:
-        self._wrapped = wrapped
+
+class _GuardedRawStream:
+    """A streamed raw response: ``parse()`` is the guarded stream; metadata passes; the body
+    (``text``, ``iter_lines``, ``http_response``, ...) would bypass the hold-back: refused."""
+
+    def __init__(self, raw: Any, stream: Any, label: str) -> None:
+        self._raw = raw
+        self._stream = stream
+        self._label = label
+
+    def parse(self, **_: Any) -> Any:
+        return self._stream
+
+    def close(self) -> Any:
+        return self._stream.close()
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._wrapped, name)
+        if name in _RAW_METADATA:
+            return getattr(self._raw, name)
+        raise UnguardedCallError(f"{self._label}(stream=True).{name}",
+                                 "the raw body of a guarded stream would bypass the hold-back; "
+                                 "use .parse()")
 
 
-class _Completions(_Passthrough):
-    def __init__(self, wrapped: Any, core: _Core) -> None:
-        super().__init__(wrapped)
-        self._core = core
+class _StreamedResponse:
+    """``with_streaming_response``: entering sends the request; a non-streamed body is read and
+    checked before the caller sees the response, a streamed one is handed out guarded."""
 
-    def create(self, **kwargs: Any) -> Any:
-        core = self._core
-        early = core.input_outcome(kwargs, core.guard.check(kwargs.get("messages") or [], "input"))
-        if early is not None:
-            return GuardedStream(iter(early), core) if kwargs.get("stream") else early
-        result = self._wrapped.create(**kwargs)
-        if not core.check_output:
-            return result
+    def __init__(self, call: "_Call", kwargs: dict[str, Any]) -> None:
+        self._call = call
+        self._kwargs = kwargs
+        self._cm: Any = None
+
+    def __enter__(self) -> Any:
+        call = self._call
+        kwargs, _ = call.check_prompt(self._kwargs)  # a block raises: the mode is not plain
+        self._cm = call.fn(**kwargs)
+        response = self._cm.__enter__()
+        try:
+            return call.finish(response.parse(), kwargs, response)
+        except BaseException:
+            self._cm.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._cm.__exit__(*exc)
+
+    async def __aenter__(self) -> Any:
+        call = self._call
+        kwargs, _ = await call.acheck_prompt(self._kwargs)
+        self._cm = call.fn(**kwargs)
+        response = await self._cm.__aenter__()
+        try:
+            return await call.afinish(await response.parse(), kwargs, response)
+        except BaseException:
+            await self._cm.__aexit__(None, None, None)
+            raise
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        return await self._cm.__aexit__(*exc)
+
+
+# -- guarded calls ------------------------------------------------------------------------------
+
+
+class _Call:
+    """One guarded method: ``fn`` is the SDK's, ``mode`` None (plain) or a wrapper name."""
+
+    def __init__(self, core: _Core, api: API, fn: Callable[..., Any], mode: str | None,
+                 label: str) -> None:
+        self.core, self.api, self.fn, self.mode, self.label = core, api, fn, mode, label
+
+    def _stream(self, upstream: Any) -> Any:
+        cls = AsyncGuardedStream if self.core.is_async else GuardedStream
+        return cls(upstream, self.core, self.api)
+
+    def check_prompt(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """Check the prompt: (the kwargs to send, with the checked snapshot; None or the
+        refusal to return instead of calling upstream), or raise."""
+        kwargs, messages = self.api.request(kwargs)
+        verdict = self.core.guard.check(messages, "input")
+        return kwargs, self.core.prompt_outcome(self.api, kwargs, verdict, self.mode)
+
+    async def acheck_prompt(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        kwargs, messages = self.api.request(kwargs)
+        verdict = await self.core.guard.acheck(messages, "input")
+        return kwargs, self.core.prompt_outcome(self.api, kwargs, verdict, self.mode)
+
+    def _early_result(self, kwargs: Mapping[str, Any], early: Any) -> Any:
         if kwargs.get("stream"):
-            return GuardedStream(result, core)
-        return core.output_outcome(result, core.guard.check(core.output_items(result), "output"))
+            return self._stream(_aiter(early) if self.core.is_async else iter(early))
+        return early
 
-
-class _AsyncCompletions(_Passthrough):
-    def __init__(self, wrapped: Any, core: _Core) -> None:
-        super().__init__(wrapped)
-        self._core = core
-
-    async def create(self, **kwargs: Any) -> Any:
-        core = self._core
-        verdict = await core.guard.acheck(kwargs.get("messages") or [], "input")
-        early = core.input_outcome(kwargs, verdict)
-        if early is not None:
-            return AsyncGuardedStream(_aiter(early), core) if kwargs.get("stream") else early
-        result = await self._wrapped.create(**kwargs)
-        if not core.check_output:
-            return result
+    def finish(self, parsed: Any, kwargs: Mapping[str, Any], raw: Any = None) -> Any:
+        """The caller's result, once the response (``parsed``) is checked or wrapped."""
+        core = self.core
         if kwargs.get("stream"):
-            return AsyncGuardedStream(result, core)
-        verdict = await core.guard.acheck(core.output_items(result), "output")
-        return core.output_outcome(result, verdict)
+            stream = self._stream(parsed) if core.check_output else parsed
+            return _GuardedRawStream(raw, stream, self.label) if raw is not None else stream
+        if not core.check_output:
+            return raw if raw is not None else parsed
+        verdict = core.guard.check(self.api.output_items(parsed, core.tool_calls), "output")
+        result = core.output_outcome(self.api, parsed, verdict, self.mode)
+        return raw if raw is not None else result
+
+    async def afinish(self, parsed: Any, kwargs: Mapping[str, Any], raw: Any = None) -> Any:
+        core = self.core
+        if kwargs.get("stream") or not core.check_output:
+            return self.finish(parsed, kwargs, raw)
+        verdict = await core.guard.acheck(self.api.output_items(parsed, core.tool_calls), "output")
+        result = core.output_outcome(self.api, parsed, verdict, self.mode)
+        return raw if raw is not None else result
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            raise TypeError(f"{self.label}() takes keyword arguments only")
+        if self.mode == "with_streaming_response":
+            return _StreamedResponse(self, kwargs)
+        if self.core.is_async:
+            return self._acall(kwargs)
+        kwargs, early = self.check_prompt(kwargs)
+        if early is not None:
+            return self._early_result(kwargs, early)
+        result = self.fn(**kwargs)
+        if self.mode == "with_raw_response":
+            return self.finish(result.parse(), kwargs, result)
+        return self.finish(result, kwargs)
+
+    async def _acall(self, kwargs: dict[str, Any]) -> Any:
+        kwargs, early = await self.acheck_prompt(kwargs)
+        if early is not None:
+            return self._early_result(kwargs, early)
+        result = await self.fn(**kwargs)
+        if self.mode == "with_raw_response":
+            return await self.afinish(result.parse(), kwargs, result)
+        return await self.afinish(result, kwargs)
 
 
-class _Chat(_Passthrough):
-    def __init__(self, wrapped: Any, completions: Any) -> None:
-        super().__init__(wrapped)
-        self.completions = completions
+def _refused(label: str, reason: str | None = None) -> Callable[..., Any]:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise UnguardedCallError(label, reason)
+
+    refuse.__qualname__ = refuse.__name__ = f"refused:{label}"
+    return refuse
 
 
-class GuardedClient(_Passthrough):
+class _Namespace:
+    """A guarded view of a client or of one of its resources (see the module doc)."""
+
+    def __init__(self, target: Any, core: _Core, path: tuple[str, ...], mode: str | None,
+                 label: str) -> None:
+        self._target = target
+        self._core = core
+        self._path = path
+        self._mode = mode
+        self._label = label
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        label = f"{self._label}.{name}"
+        if name.startswith("_"):
+            return _refused(label, "a private attribute of the client")
+        value = getattr(self._target, name)
+        if name in _MODES:
+            return _Namespace(value, self._core, self._path, name, label)
+        path = (*self._path, name)
+        route = ROUTES.get(path)
+        if route is not None:
+            api, kind = route
+            if kind == "stream":
+                return self._stream_manager(value, label)
+            return _Call(self._core, api, value, self._mode, label)
+        if path in SAFE_CALLS or _is_data(value):
+            return value
+        if callable(value):
+            return _refused(label)
+        return _Namespace(value, self._core, path, self._mode, label)
+
+    def _stream_manager(self, method: Any, label: str) -> Callable[..., Any]:
+        """``chat.completions.stream`` / ``responses.stream``: the SDK's own stream manager, run
+        on this guarded resource, so its request goes through the guarded ``create``."""
+        function = getattr(method, "__func__", None)
+        if function is None:
+            return _refused(label, "not a method this guardmerge can route through the guard")
+
+        def stream(**kwargs: Any) -> Any:
+            return function(self, **kwargs)
+
+        return stream
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(dir(self._target)))
+
+    def __repr__(self) -> str:
+        return f"<guarded {self._label} of {self._target!r}>"
+
+
+class GuardedClient(_Namespace):
     """A guarded synchronous client; use it exactly like the client it wraps."""
 
-    _completions_cls: type[_Passthrough] = _Completions
-
     def __init__(self, client: Any, core: _Core) -> None:
-        super().__init__(client)
-        self._core = core
-        self.chat = _Chat(client.chat, self._completions_cls(client.chat.completions, core))
+        super().__init__(client, core, (), None, "client")
 
     def with_options(self, **options: Any) -> "GuardedClient":
-        return type(self)(self._wrapped.with_options(**options), self._core)
+        return type(self)(self._target.with_options(**options), self._core)
+
+    def copy(self, **options: Any) -> "GuardedClient":
+        return type(self)(self._target.copy(**options), self._core)
 
     @property
     def wrapped(self) -> Any:
         """The unguarded client (for calls you deliberately do not guard)."""
-        return self._wrapped
+        return self._target
 
 
 class AsyncGuardedClient(GuardedClient):
     """A guarded asynchronous client; ``await guarded.chat.completions.create(...)``."""
-
-    _completions_cls = _AsyncCompletions
 
 
 def _is_async(client: Any) -> bool:
@@ -473,24 +552,26 @@ def guard_client(client: Any, guard: Guard, *, on_block: OnBlock = "raise",
                  on_verdict: VerdictCallback | None = None, check_output: bool = True,
                  stream_mode: StreamMode = "hold", window_chars: int = 2000,
                  overlap_chars: int = 200, is_async: bool | None = None) -> GuardedClient:
-    """Wrap an OpenAI-style client so every chat completion goes through ``guard``.
+    """Wrap an OpenAI-style client so every call that carries text goes through ``guard``.
 
     on_block: ``"raise"`` PromptBlockedError / ResponseBlockedError (with the verdict), or
-        ``"refuse"``: return an OpenAI-shaped completion with ``finish_reason="content_filter"``
-        and the policy's ``refusal_message`` (streams end with a ``content_filter`` chunk).
+        ``"refuse"``: return an OpenAI-shaped response with ``finish_reason="content_filter"``
+        (Responses API: ``status="incomplete"``, reason ``content_filter``) and the policy's
+        ``refusal_message`` (streams end with a ``content_filter`` chunk or a
+        ``response.incomplete`` event). Raw and streaming-response wrappers always raise.
     on_flag: called with every flag verdict (flags are also logged); the call goes on.
     on_verdict: called with every verdict of every guarded call, in order: the prompt's, then
         the response's (for streams: each window's check and the final one). This is how a
         caller sees what the guard decided about a call that went through.
+    check_output: False skips the response checks (prompts are still checked).
     stream_mode: ``"hold"`` (default): no text reaches the caller before the window holding it
-        was checked (a hold-back of at most ``window_chars``); ``"release"``: chunks go out at
-        once and are checked behind; weaker: up to one window of a blocked response is seen.
+        was checked, per choice (a hold-back of at most ``window_chars``); ``"release"``:
+        chunks go out at once and are checked behind; weaker: up to one window of a blocked
+        response is seen.
     """
     sdk_types = any(cls.__module__.startswith("openai") for cls in type(client).__mro__)
+    asynchronous = is_async if is_async is not None else _is_async(client)
     core = _Core(guard, on_block=on_block, on_flag=on_flag, on_verdict=on_verdict,
-                 check_output=check_output,
-                 stream_mode=stream_mode, window_chars=window_chars, overlap_chars=overlap_chars,
-                 sdk_types=sdk_types)
-    if is_async if is_async is not None else _is_async(client):
-        return AsyncGuardedClient(client, core)
-    return GuardedClient(client, core)
+                 check_output=check_output, stream_mode=stream_mode, window_chars=window_chars,
+                 overlap_chars=overlap_chars, sdk_types=sdk_types, is_async=asynchronous)
+    return (AsyncGuardedClient if asynchronous else GuardedClient)(client, core)

@@ -12,7 +12,9 @@ boundary where they happen, with ``raise ... from exc`` so the original stays at
     │   └── DataError            evaluation data has bad rows (file and line for each)
     ├── ModelLoadError           a bundle / model folder is missing, corrupt or inconsistent
     ├── MergeError               sources cannot be merged (shapes, names, configs, vocabularies)
-    ├── ClassifierError          the guard model failed while scoring text (run time)
+    ├── ClassifierError          the guard model failed while scoring text (run time), returned
+    │                            results that do not match its input, or took too long
+    ├── UnguardedCallError       a guarded client was asked for a call guardmerge does not guard
     ├── UpstreamError            the upstream LLM call failed (status, body), after bounded retries
     │   └── UpstreamTimeout      ... because it took too long
     └── BlockedError             a guarded call was blocked by the policy (carries the verdict)
@@ -36,6 +38,7 @@ __all__ = [
     "ModelLoadError",
     "MergeError",
     "ClassifierError",
+    "UnguardedCallError",
     "UpstreamError",
     "UpstreamTimeout",
     "BlockedError",
@@ -93,6 +96,21 @@ class MergeError(GuardmergeError):
 
 class ClassifierError(GuardmergeError):
     """The guard model failed while scoring text."""
+
+
+class UnguardedCallError(GuardmergeError):
+    """A guarded client refused a call that could carry text around the guard.
+
+    ``method`` names it (``"client.embeddings.create"``). Every request path of a guarded
+    client is either guarded or refused: none is passed through unguarded by default. Call it
+    on ``guarded.wrapped`` to bypass the guard deliberately.
+    """
+
+    def __init__(self, method: str, reason: str | None = None) -> None:
+        self.method = method
+        reason = reason or "it can carry text to or from a model"
+        super().__init__(f"{method}: not guarded by guardmerge ({reason}); call it on the "
+                         "client's .wrapped to bypass the guard deliberately")
 
 
 class UpstreamError(GuardmergeError):

@@ -4,6 +4,14 @@ A ``Guard`` binds a classifier to a policy (checked against its heads). ``check`
 computation over the messages it is given; the only I/O is loading a bundle in ``from_bundle``.
 A history cache in front of the classifier makes each turn of a conversation cost only its new
 text.
+
+What a check does, in order: read every message once (``_messages``: roles case-insensitive,
+every content part accounted for); pick the texts the policy's roles ask for (a role outside
+the known ones follows ``input.unknown_roles``); normalise each text (``normalize_text``) and
+score the original and, where it differs, the normalised form in one batch; validate what the
+classifier returned (count, heads, labels, finite probabilities); turn the scores into a
+verdict. Anything that goes wrong on the way, a classifier that raises, returns a malformed
+result or takes longer than the timeout, gives the policy's ``on_error`` verdict.
 """
 
 from __future__ import annotations
@@ -15,57 +23,18 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
-from .classifier import BundleClassifier, Classifier, TextScores
-from .exceptions import ConfigError, GuardmergeError
-from .policy import Policy
+from ._messages import read_messages
+from .classifier import BundleClassifier, Classifier, TextScores, validate_scores
+from .exceptions import ClassifierError, ConfigError, GuardmergeError
+from .normalize import NormalizedText, normalize_text
+from .policy import ROLES, Policy, Target
 from .verdict import Action, Finding, Verdict
 
-__all__ = ["Guard", "CachedClassifier", "message_text"]
+__all__ = ["Guard", "CachedClassifier"]
 
 logger = logging.getLogger("guardmerge.guard")
-
-_TEXT_PARTS = ("text", "input_text", "output_text")
-
-
-def message_text(content: Any) -> str | None:
-    """The text of a chat message's content: a string, or the text parts of a list of parts.
-
-    Text parts are joined with a blank line; other parts (images, audio) carry no text.
-    """
-    text, _ = _split_content(content)
-    return text
-
-
-def _split_content(content: Any) -> tuple[str | None, int]:
-    """(text, number of non-text parts) of a message's content."""
-    if content is None:
-        return None, 0
-    if isinstance(content, str):
-        return content, 0
-    if isinstance(content, Sequence):
-        texts: list[str] = []
-        other = 0
-        for part in content:
-            if isinstance(part, str):
-                texts.append(part)
-                continue
-            kind = _get(part, "type")
-            if kind in _TEXT_PARTS:
-                texts.append(str(_get(part, "text") or ""))
-            elif kind == "refusal":
-                texts.append(str(_get(part, "refusal") or ""))
-            else:
-                other += 1
-        return ("\n\n".join(texts) if texts else None), other
-    raise TypeError(f"message content must be a string or a list of parts, got {type(content).__name__}")
-
-
-def _get(obj: Any, key: str) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(key)
-    return getattr(obj, key, None)
 
 
 class CachedClassifier(Classifier):
@@ -109,6 +78,7 @@ class CachedClassifier(Classifier):
         if missing:
             order = list(missing)
             fresh = self.inner.classify([texts[missing[k][0]] for k in order], max_tokens=max_tokens)
+            validate_scores(fresh, len(order), self.heads, self.name)  # never cache a bad result
             with self._lock:
                 for key, scores in zip(order, fresh):
                     self.misses += len(missing[key])
@@ -129,75 +99,130 @@ class Guard:
     """A classifier and a policy, bound together (the policy is checked against the heads).
 
     ``cache_size``: texts whose scores are remembered (0 disables the history cache).
+    ``timeout``: seconds a check may take (default: the policy's ``timeout``, else none); a
+    check that takes longer gives ``on_error`` at once, while the model work it started
+    finishes in the background.
     """
 
     def __init__(self, classifier: Classifier, policy: Policy, *, include_scores: bool = False,
-                 cache_size: int = 1024) -> None:
+                 cache_size: int = 1024, timeout: float | None = None) -> None:
+        if timeout is not None and not 0 < timeout < float("inf"):
+            raise ConfigError(f"timeout: must be a number of seconds > 0, got {timeout!r}")
         self.classifier = classifier
         self.policy = policy.bind(classifier.heads)
         self.include_scores = include_scores
+        self.timeout = timeout if timeout is not None else policy.timeout
         self.scorer: Classifier = CachedClassifier(classifier, cache_size) if cache_size else classifier
 
     @classmethod
     def from_bundle(cls, bundle: str | os.PathLike[str], policy: str | os.PathLike[str] | Policy,
                     *, cache_size: int = 1024, include_scores: bool = False,
-                    **runtime_options: Any) -> "Guard":
+                    timeout: float | None = None, **runtime_options: Any) -> "Guard":
         """Load a bundle and a policy. ``runtime_options``: ``RuntimeOptions`` fields (``dtype``,
         ``threads``, ``batch_size``, ``overlap``, ``max_length``) or ``options=RuntimeOptions``."""
         clf = BundleClassifier.from_pretrained(bundle, **runtime_options)
         pol = policy if isinstance(policy, Policy) else Policy.load(policy)
-        return cls(clf, pol, cache_size=cache_size, include_scores=include_scores)
+        return cls(clf, pol, cache_size=cache_size, include_scores=include_scores, timeout=timeout)
 
     def check(self, messages: Iterable[Any] | str, direction: str = "input") -> Verdict:
         """Check chat messages (``{"role", "content"}`` dicts or objects, or plain strings).
 
-        ``input``: messages whose role the policy's input section lists are scored.
-        ``output``: each item is a response; plain strings count as ``assistant``.
+        ``input``: messages whose role the policy's input section lists are scored (roles are
+        matched case-insensitively; unknown roles follow ``input.unknown_roles``).
+        ``output``: each item is a response, scored with the output rules.
         A guard failure gives the policy's ``on_error`` verdict (block unless told otherwise).
         """
         section = self.policy.rules(direction)
-        if isinstance(messages, str):
-            messages = [messages]
         default_role = "user" if direction == "input" else "assistant"
-        picked: list[tuple[int, str, str]] = []
-        extra: list[Finding] = []
         try:
-            for index, msg in enumerate(messages):
-                if isinstance(msg, str):
-                    role, text, other = default_role, msg, 0
-                else:
-                    role = str(_get(msg, "role") or default_role)
-                    text, other = _split_content(_get(msg, "content"))
-                if role not in section.roles:
-                    continue
-                if other and section.non_text_parts is not Action.PASS:
-                    extra.append(Finding(kind="non_text", action=section.non_text_parts,
-                                         message_index=index, role=role,
-                                         detail=f"{other} non-text content part(s) cannot be "
-                                                "checked by a text guard"))
-                if text is None or not section.rules_for(role):
-                    continue
-                picked.append((index, role, text))
-        except TypeError as exc:
+            read = read_messages(messages, default_role)
+        except Exception as exc:  # a message iterable that raises: the guard could not read it
             return self._failed(direction, exc)
-        scores: list[TextScores] = []
+        picked: list[tuple[int, str, str, str]] = []  # (index, role, rules role, text)
+        extra: list[Finding] = []
+        for m in read:
+            rules_role = m.role
+            if direction == "output":
+                rules_role = "assistant"
+            elif m.role not in ROLES:
+                if section.unknown_roles == "pass":
+                    continue
+                if section.unknown_roles == "block":
+                    extra.append(Finding(kind="unknown_role", action=Action.BLOCK,
+                                         message_index=m.index, role=m.role,
+                                         detail=f"role {m.role!r} is not one the policy knows"))
+                    continue
+                rules_role = "user"
+            elif m.role not in section.roles:
+                continue
+            if m.media_parts and section.non_text_parts is not Action.PASS:
+                extra.append(Finding(kind="non_text", action=section.non_text_parts,
+                                     message_index=m.index, role=m.role,
+                                     detail=f"{m.media_parts} non-text content part(s) cannot "
+                                            "be checked by a text guard"))
+            for reason in m.unreadable:
+                extra.append(Finding(kind="unreadable", action=self.policy.on_error,
+                                     message_index=m.index, role=m.role,
+                                     detail=f"{reason}: the guard cannot read it"))
+            if m.text is not None and section.rules_for(rules_role):
+                picked.append((m.index, m.role, rules_role, m.text))
+        targets: list[Target] = []
         if picked:
             try:
-                scores = self.scorer.classify([t for _, _, t in picked],
-                                              max_tokens=self.policy.max_tokens)
-            except Exception as exc:  # fail closed on anything the guard model throws
+                targets = self._run(self._score, picked)
+            except Exception as exc:  # fail closed on anything the guard model does wrong
                 return self._failed(direction, exc)
-        verdict = self.policy.evaluate(
-            direction, [(i, role, s) for (i, role, _), s in zip(picked, scores)],
-            include_scores=self.include_scores, extra=extra)
+        verdict = self.policy.evaluate(direction, targets, include_scores=self.include_scores,
+                                       extra=extra)
         if not verdict.passed:
             logger.info("guard %s verdict: %s", direction, verdict.summary())
         return verdict
 
+    def _score(self, picked: Sequence[tuple[int, str, str, str]]) -> list[Target]:
+        """Score each text, and its normalised form where that differs, in one batch."""
+        forms: list[NormalizedText] = [normalize_text(text) for *_, text in picked]
+        texts = [text for *_, text in picked] + [f.text for f in forms if f.changed]
+        scores = self.scorer.classify(texts, max_tokens=self.policy.max_tokens)
+        validate_scores(scores, len(texts), self.classifier.heads, self.classifier.name)
+        targets = [Target(i, role, s, None, rules_role)
+                   for (i, role, rules_role, _), s in zip(picked, scores)]
+        extra = iter(scores[len(picked):])
+        targets += [Target(i, role, next(extra), form, rules_role)
+                    for (i, role, rules_role, _), form in zip(picked, forms) if form.changed]
+        return targets
+
+    def _run(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``, given at most ``timeout`` seconds (in a daemon thread, so a model that
+        hangs can neither hold this caller nor the interpreter's exit)."""
+        if self.timeout is None:
+            return fn(*args)
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                box["value"] = fn(*args)
+            except BaseException as exc:  # handed to the caller below
+                box["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name="guardmerge-check", daemon=True).start()
+        if not done.wait(self.timeout):
+            raise ClassifierError(f"the guard check took longer than its timeout of "
+                                  f"{self.timeout:g} s")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
     async def acheck(self, messages: Iterable[Any] | str, direction: str = "input") -> Verdict:
-        """``check`` in a worker thread: the event loop never runs model work."""
+        """``check`` in a worker thread: the event loop never runs model work, and never waits
+        past the timeout."""
         if not isinstance(messages, str):
-            messages = list(messages)
+            try:
+                messages = list(messages)
+            except Exception as exc:
+                return self._failed(direction, exc)
         return await asyncio.to_thread(self.check, messages, direction)
 
     def check_text(self, text: str, direction: str = "input", role: str | None = None) -> Verdict:
@@ -205,6 +230,8 @@ class Guard:
         return self.check([{"role": role, "content": text}], direction=direction)
 
     def _failed(self, direction: str, exc: BaseException) -> Verdict:
+        """The ``on_error`` verdict. The log names the error type and message only: errors from
+        the guard's own code never carry the text they were checking."""
         level = logging.WARNING if isinstance(exc, GuardmergeError) else logging.ERROR
         logger.log(level, "guard check failed (%s); applying on_error=%s", exc,
                    self.policy.on_error.value, exc_info=not isinstance(exc, GuardmergeError))

@@ -9,8 +9,11 @@ A policy (see ``policies/*.yaml``)::
     max_tokens: 8192            # token budget per message (null: unlimited)
     on_too_long: flag           # action for a message over the budget (only its start is scored)
     refusal_message: "..."      # text a refusing client wrapper returns
+    timeout: 5                  # seconds a check may take; longer is a guard failure (null: none)
     input:                      # prompts
-      roles: [user, tool]       # which message roles are checked
+      roles: [user, tool]       # which message roles are checked (case-insensitive)
+      unknown_roles: check      # a role outside system/developer/user/assistant/tool/function:
+                                # check (with the user rules) | block | pass
       rules:
         - id: jailbreak
           head: jailbreak
@@ -24,7 +27,10 @@ A policy (see ``policies/*.yaml``)::
       rules: [...]
 
 A rule fires for a message when a listed label's score (its maximum over the message's windows)
-reaches a threshold. The verdict is the most severe action of any finding.
+reaches a threshold. The verdict is the most severe action of any finding. When a text's
+normalised form (``guardmerge.normalize_text``) differs, both forms are scored and each rule
+keeps its worse finding; ``Finding.form`` says which form fired. Content the guard cannot read
+gets ``on_error``: never a silent pass.
 """
 
 from __future__ import annotations
@@ -32,20 +38,25 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple, Sequence
 
 from ._validate import Checker, load_yaml, parse_yaml
 from .exceptions import ConfigError, PolicyError
 from .labels import Head
 from .verdict import Action, Finding, Verdict
 
-__all__ = ["Policy", "Rule", "DirectionRules", "ROLES"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .classifier import TextScores
+    from .normalize import NormalizedText
+
+__all__ = ["Policy", "Rule", "DirectionRules", "Target", "ROLES", "UNKNOWN_ROLES"]
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 DIRECTIONS = ("input", "output")
 _ACTIONS = tuple(a.value for a in Action)
 _TOP_KEYS = {"version", "name", "description", "default_action", "on_error", "on_too_long",
-             "max_tokens", "refusal_message", "input", "output"}
+             "max_tokens", "refusal_message", "timeout", "input", "output"}
+UNKNOWN_ROLES = ("check", "block", "pass")
 _RULE_KEYS = {"id", "head", "labels", "flag", "block", "roles", "description"}
 DEFAULT_REFUSAL = "I can't help with that request."
 
@@ -74,6 +85,7 @@ class DirectionRules:
     rules: tuple[Rule, ...] = ()
     non_text_parts: Action = Action.PASS      # input: what a non-text content part earns
     check_tool_calls: bool = False            # output: score tool-call arguments too
+    unknown_roles: str = "check"              # input: a role outside ROLES (check | block | pass)
 
     def rules_for(self, role: str) -> list[Rule]:
         if role not in self.roles:
@@ -94,6 +106,7 @@ class Policy:
     description: str | None = None
     source: str = "<policy>"
     version: int = 1
+    timeout: float | None = None
 
     # -- construction ------------------------------------------------------------------------
 
@@ -139,6 +152,9 @@ class Policy:
             max_tokens = c.integer(max_tokens, "max_tokens", lo=1)
         refusal = top.get("refusal_message", DEFAULT_REFUSAL)
         refusal = c.string(refusal, "refusal_message") or DEFAULT_REFUSAL
+        timeout = top.get("timeout")
+        if timeout is not None:
+            timeout = c.number(timeout, "timeout", lo=0.0, lo_open=True)
 
         sections = {}
         for direction in DIRECTIONS:
@@ -150,7 +166,8 @@ class Policy:
         c.raise_if_any(PolicyError)
         return cls(name=name, description=desc, input=sections["input"], output=sections["output"],
                    default_action=default_action, on_error=on_error, on_too_long=on_too_long,
-                   max_tokens=max_tokens, refusal_message=refusal, source=source, version=1)
+                   max_tokens=max_tokens, refusal_message=refusal, source=source, version=1,
+                   timeout=timeout)
 
     def bind(self, heads: Sequence[Head]) -> "Policy":
         """Check that every rule's head and labels exist in ``heads`` (a PolicyError listing
@@ -168,20 +185,27 @@ class Policy:
 
     # -- evaluation --------------------------------------------------------------------------
 
-    def evaluate(self, direction: str, targets: Iterable[tuple[int, str, Any]],
+    def evaluate(self, direction: str, targets: Iterable["Target | tuple[Any, ...]"],
                  *, include_scores: bool = False, extra: Iterable[Finding] = ()) -> Verdict:
         """Turn scored messages into a verdict.
 
-        ``targets``: ``(message_index, role, TextScores)`` for every message that was scored;
-        ``extra``: findings made outside the model (e.g. non-text content parts).
+        ``targets``: a ``Target`` (or ``(message_index, role, TextScores)``) for every scored
+        text; a target with ``normalized`` set holds the scores of that message's normalised
+        form, and its findings' spans are mapped back to the original characters. Each rule
+        keeps its worse finding per message over both forms. ``extra``: findings made outside
+        the model (non-text parts, unreadable content, unknown roles).
         """
         section = self.rules(direction)
         findings: list[Finding] = list(extra)
         score_dump: list[dict[str, dict[str, float]]] = []
-        for index, role, scores in targets:
-            if include_scores:
+        for target in targets:
+            t = target if isinstance(target, Target) else Target(*target)
+            scores, norm = t.scores, t.normalized
+            form = "original" if norm is None else "normalized"
+            span = (lambda a, b: (a, b)) if norm is None else norm.original_span
+            if include_scores and norm is None:
                 score_dump.append({h: dict(hs.scores) for h, hs in scores.heads.items()})
-            for rule in section.rules_for(role):
+            for rule in section.rules_for(t.rules_role or t.role):
                 hs = scores.heads[rule.head]
                 for label in rule.labels:
                     score = hs.scores[label]
@@ -191,14 +215,15 @@ class Policy:
                     window = scores.windows[hs.windows[label]]
                     findings.append(Finding(
                         kind="rule", action=act, head=rule.head, label=label, score=score,
-                        threshold=threshold, rule=rule.id, message_index=index, role=role,
-                        span=window.span))
+                        threshold=threshold, rule=rule.id, message_index=t.index, role=t.role,
+                        span=span(*window.span), form=form))
             if scores.truncated:
                 findings.append(Finding(
-                    kind="too_long", action=self.on_too_long, message_index=index, role=role,
-                    span=(scores.scanned_chars, scores.text_length),
+                    kind="too_long", action=self.on_too_long, message_index=t.index, role=t.role,
+                    span=span(scores.scanned_chars, scores.text_length), form=form,
                     detail=(f"{scores.n_tokens} tokens exceed the policy's budget of "
                             f"{self.max_tokens}; only the first {scores.scanned_tokens} were scored")))
+        findings = _worst_per_rule(findings)
         findings.sort(key=lambda f: (-f.action.severity, f.message_index or 0))
         act = Action.worst((f.action for f in findings), default=Action.PASS)
         if not findings:
@@ -213,12 +238,39 @@ class Policy:
                        findings=[Finding(kind="error", action=self.on_error, detail=detail)])
 
 
+class Target(NamedTuple):
+    """One scored text of a check (see ``Policy.evaluate``)."""
+
+    index: int
+    role: str
+    scores: "TextScores"
+    normalized: "NormalizedText | None" = None   # set: these are the normalised form's scores
+    rules_role: str | None = None                # the role whose rules apply (default: role)
+
+
+def _worst_per_rule(findings: list[Finding]) -> list[Finding]:
+    """Per (kind, message, rule, label): the most severe finding, then the highest score, the
+    original form before the normalised one. Other findings are kept as they are."""
+    best: dict[tuple[Any, ...], Finding] = {}
+    out: list[Finding] = []
+    for f in findings:
+        if f.kind not in ("rule", "too_long"):
+            out.append(f)
+            continue
+        key = (f.kind, f.message_index, f.rule, f.label)
+        rank = (f.action.severity, f.score or 0.0, f.form == "original")
+        old = best.get(key)
+        if old is None or rank > (old.action.severity, old.score or 0.0, old.form == "original"):
+            best[key] = f
+    return out + list(best.values())
+
+
 def _direction(c: Checker, value: Any, direction: str) -> DirectionRules:
     default_roles = ("user",) if direction == "input" else ("assistant",)
     if value is None:
         return DirectionRules(roles=default_roles)
-    allowed = {"roles", "rules", "non_text_parts"} if direction == "input" else \
-        {"rules", "check_tool_calls"}
+    allowed = {"roles", "rules", "non_text_parts", "unknown_roles"} if direction == "input" \
+        else {"rules", "check_tool_calls"}
     sec = c.mapping(value, direction, allowed=allowed)
     if sec is None:
         return DirectionRules(roles=default_roles)
@@ -226,6 +278,7 @@ def _direction(c: Checker, value: Any, direction: str) -> DirectionRules:
     if "roles" in sec:
         got = c.string_list(sec["roles"], f"{direction}.roles")
         if got is not None:
+            got = [r.strip().lower() for r in got]
             bad = [r for r in got if r not in ROLES]
             for r in bad:
                 c.add(f"{direction}.roles", f"unknown role {r!r} (known: {', '.join(ROLES)})")
@@ -235,6 +288,10 @@ def _direction(c: Checker, value: Any, direction: str) -> DirectionRules:
         v = c.choice(sec["non_text_parts"], f"{direction}.non_text_parts", ("ignore", "flag", "block"))
         non_text = {"ignore": Action.PASS, "flag": Action.FLAG, "block": Action.BLOCK}.get(v or "ignore",
                                                                                         Action.PASS)
+    unknown_roles = "check"
+    if "unknown_roles" in sec:
+        unknown_roles = c.choice(sec["unknown_roles"], f"{direction}.unknown_roles",
+                                 UNKNOWN_ROLES) or "check"
     tool_calls = False
     if "check_tool_calls" in sec:
         tool_calls = bool(c.boolean(sec["check_tool_calls"], f"{direction}.check_tool_calls"))
@@ -254,7 +311,7 @@ def _direction(c: Checker, value: Any, direction: str) -> DirectionRules:
         ids.add(rule.id)
         rules.append(rule)
     return DirectionRules(roles=roles, rules=tuple(rules), non_text_parts=non_text,
-                          check_tool_calls=tool_calls)
+                          check_tool_calls=tool_calls, unknown_roles=unknown_roles)
 
 
 def _rule(c: Checker, raw: Any, path: str, direction: str, roles: tuple[str, ...]) -> Rule | None:
@@ -278,6 +335,7 @@ def _rule(c: Checker, raw: Any, path: str, direction: str, roles: tuple[str, ...
     if "roles" in r:
         got = c.string_list(r["roles"], f"{path}.roles")
         if got is not None:
+            got = [role.strip().lower() for role in got]
             for role in got:
                 if role not in ROLES:
                     c.add(f"{path}.roles", f"unknown role {role!r} (known: {', '.join(ROLES)})")

@@ -41,8 +41,11 @@ class Finding:
     """Why a check flagged or blocked.
 
     ``kind`` is ``"rule"`` (a head's score crossed a threshold), ``"too_long"`` (a text exceeded
-    the policy's token budget; ``span`` is the part that was not scored) or ``"error"`` (the
-    guard failed). ``span`` is a character range in the message's text.
+    the policy's token budget; ``span`` is the part that was not scored), ``"non_text"`` (media
+    parts a text guard cannot read), ``"unreadable"`` (content the guard could not read:
+    ``on_error``), ``"unknown_role"`` or ``"error"`` (the guard failed). ``span`` is a character
+    range in the message's (original) text; ``form`` says whether the ``"original"`` text or
+    its ``"normalized"`` form (``guardmerge.normalize_text``) fired.
     """
 
     kind: str
@@ -56,6 +59,7 @@ class Finding:
     role: str | None = None
     span: tuple[int, int] | None = None
     detail: str | None = None
+    form: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +74,7 @@ class Finding:
             "role": self.role,
             "span": list(self.span) if self.span is not None else None,
             "detail": self.detail,
+            "form": self.form,
         }
 
     def describe(self) -> str:
@@ -79,6 +84,8 @@ class Finding:
             if self.role:
                 where += f" ({self.role})"
         span = f" chars {self.span[0]}-{self.span[1]}" if self.span else ""
+        if self.form == "normalized":
+            span += " (normalized text)"
         if self.kind == "rule":
             return (f"{self.action.value}: {self.head}:{self.label} = {self.score:.3f} >= "
                     f"{self.threshold}{where}{span}")

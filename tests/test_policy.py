@@ -216,7 +216,7 @@ def test_verdict_is_an_object_that_serialises_to_json():
     assert data["action"] == "block" and data["direction"] == "input" and data["policy"] == "default"
     f = data["findings"][0]
     assert set(f) == {"kind", "action", "head", "label", "score", "threshold", "rule",
-                      "message_index", "role", "span", "detail"}
+                      "message_index", "role", "span", "detail", "form"}
     assert f["span"] == [0, len("JB and HATE")] and f["role"] == "user"
     assert data["scores"][0]["toxicity"]["hateful"] == pytest.approx(0.97)
 

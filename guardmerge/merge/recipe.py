@@ -15,7 +15,7 @@
       max_length: 128                    # tokens per text when running the models
       per_source: 300                    # RegMean: texts per source (those naming its head first)
       cache: .cache/guardmerge           # where statistics are kept (default: ~/.cache/guardmerge)
-    refit: {texts: 2000, temperature: 1.0, pull: 0.001}   # head_mode: refit
+    refit: {texts: 2000, temperature: 1.0, pull: 1.0e-6}  # head_mode: refit
     models:
       - model: ./jailbreak-classifier    # local folder or Hub id
         head: jailbreak                  # head name (default: from the model id)
@@ -73,7 +73,7 @@ class RefitSpec:
 
     texts: int = 2000
     temperature: float = 1.0
-    pull: float = 1e-3
+    pull: float = 1e-6
 
     def to_dict(self) -> dict[str, Any]:
         return {"texts": self.texts, "temperature": self.temperature, "pull": self.pull}
@@ -85,6 +85,8 @@ _TOP = {"base", "base_revision", "method", "head_mode", "seed", "dtype", "parame
 _PARAMS = {"lambda", "weight", "density", "alpha"}
 _CALIBRATION = {"texts", "limit", "max_length", "per_source", "cache"}
 _REFIT = {"texts", "temperature", "pull"}
+#: lambda and weights are float32 factors in the merge kernels: finite, and finite there too
+_F32_MAX = 3.4028234663852886e38
 _MODEL = {"model", "revision", "head", "labels", "weight", "density"}
 
 
@@ -190,8 +192,8 @@ class MergeRecipe:
         if name is not None:
             c.string(name, "name")
         params = c.mapping(top.get("parameters", {}) or {}, "parameters", allowed=_PARAMS) or {}
-        lam = c.number(params.get("lambda", 1.0), "parameters.lambda", lo=0.0, lo_open=True)
-        dweight = c.number(params.get("weight", 1.0), "parameters.weight", lo=0.0, lo_open=True)
+        lam = _factor(c, params.get("lambda", 1.0), "parameters.lambda")
+        dweight = _factor(c, params.get("weight", 1.0), "parameters.weight")
         ddensity = c.number(params.get("density", 1.0), "parameters.density", lo=0.0, hi=1.0,
                             lo_open=True)
         alpha = c.number(params.get("alpha", 0.9), "parameters.alpha", lo=0.0, hi=1.0,
@@ -235,8 +237,8 @@ class MergeRecipe:
                     if dupes:
                         c.add(f"{path}.labels", f"duplicate labels {dupes}")
                     labels = tuple(got)
-            weight = c.number(m.get("weight", dweight if dweight is not None else 1.0),
-                              f"{path}.weight", lo=0.0, lo_open=True)
+            weight = _factor(c, m.get("weight", dweight if dweight is not None else 1.0),
+                             f"{path}.weight")
             density = c.number(m.get("density", ddensity if ddensity is not None else 1.0),
                                f"{path}.density", lo=0.0, hi=1.0, lo_open=True)
             revision = m.get("revision")
@@ -276,9 +278,18 @@ def _refit(c: Checker, raw: Any) -> RefitSpec:
     sec = c.mapping(raw, "refit", allowed=_REFIT) or {}
     texts = c.integer(sec.get("texts", 2000), "refit.texts", lo=1)
     temperature = c.number(sec.get("temperature", 1.0), "refit.temperature", lo=0.0, lo_open=True)
-    pull = c.number(sec.get("pull", 1e-3), "refit.pull", lo=0.0)
+    pull = c.number(sec.get("pull", 1e-6), "refit.pull", lo=0.0)
     return RefitSpec(texts=texts or 2000, temperature=temperature or 1.0,
-                     pull=1e-3 if pull is None else pull)
+                     pull=1e-6 if pull is None else pull)
+
+
+def _factor(c: Checker, value: Any, path: str) -> float | None:
+    """A lambda or weight: a finite number > 0 that fits the kernels' float32."""
+    v = c.number(value, path, lo=0.0, lo_open=True)
+    if v is not None and v > _F32_MAX:
+        c.add(path, f"{value} does not fit a float32 (at most {_F32_MAX:.4g})")
+        return None
+    return v
 
 
 def load_recipe(recipe: "MergeRecipe | Mapping[str, Any] | str | os.PathLike[str]") -> MergeRecipe:

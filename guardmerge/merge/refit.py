@@ -38,7 +38,7 @@ def _kl(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 
 def fit_head(features: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
-             bias: torch.Tensor, *, temperature: float = 1.0, pull: float = 1e-3,
+             bias: torch.Tensor, *, temperature: float = 1.0, pull: float = 1e-6,
              max_iter: int = 200) -> FitResult:
     """Fit one head's rows (``weight`` ``[labels, hidden]``, ``bias``) so that
     ``softmax((features @ W.T + b) / T)`` matches ``target`` (``[texts, labels]``, rows summing

@@ -29,6 +29,7 @@ from .._atomic import atomic_directory
 from .._progress import progress
 from .._safetensors import read_header
 from ..bundle import copy_tokenizer, write_manifest
+from ..exceptions import MergeError
 from .activations import load_model
 from .fitting import calibration_for, refit_heads, refit_targets, regmean_statistics
 from .methods import Sparsify, block_keeps, get_method, linear_block, magnitude_masks, merge_block
@@ -150,7 +151,8 @@ class StreamingWriter:
     """Write a safetensors file tensor by tensor, in the (sorted) order of ``specs``.
 
     The layout is deterministic: tensors sorted by name, header JSON with sorted keys, padded to
-    8 bytes. Writing the same tensors twice gives byte-identical files.
+    8 bytes. Writing the same tensors twice gives byte-identical files. A block holding NaN or
+    infinity is a ``MergeError`` naming the tensor: a merge never writes a non-finite weight.
     """
 
     def __init__(self, path: str | os.PathLike[str], specs: Mapping[str, TensorSpec],
@@ -218,6 +220,10 @@ class StreamingWriter:
         for block in blocks:
             if block.dtype != spec.dtype:
                 raise ValueError(f"tensor {name!r}: got {block.dtype}, declared {spec.dtype}")
+            if block.is_floating_point() and not bool(torch.isfinite(block).all()):
+                raise MergeError(f"tensor {name!r}: the merge produced NaN or infinite values "
+                                 "(check the sources' weights and the recipe's numbers); "
+                                 "nothing was written")
             t = block.detach().contiguous().cpu()
             if t.dtype == torch.bfloat16:
                 t = t.view(torch.int16)

@@ -1,10 +1,20 @@
 """A real OpenAI-compatible HTTP server on 127.0.0.1 for tests, examples and demos.
 
-``POST /v1/chat/completions`` answers with ``reply(messages)`` (default: echo the last user
-message), as JSON or as server-sent events over chunked HTTP/1.1. ``script`` queues faults, one
-per request: ``{"status": 429, "headers": {"Retry-After": "0.1"}}``, ``{"status": 500}``,
-``{"delay": 2.0}``, ``{"malformed": True}``, ``{"drop_after": 2}`` (stream: close the socket
-after two chunks), ``{"reply": "..."}``. Only the loopback address is ever bound.
+Routes, each as JSON or (``stream: true``) as server-sent events over chunked HTTP/1.1:
+
+- ``POST /v1/chat/completions``: ``reply(messages)`` (default: echo the last user message);
+  with ``n > 1``, one choice per ``n`` (``reply`` may return a list: one text per choice), and
+  streamed chunks of the choices interleaved;
+- ``POST /v1/completions`` (legacy): ``reply([{"role": "user", "content": prompt}])``;
+- ``POST /v1/responses``: ``reply(messages)`` with ``input`` read as messages (a string is one
+  user message), answered as a Response (streamed: ``response.created``, text deltas,
+  ``response.completed``).
+
+``script`` queues faults, one per request: ``{"status": 429, "headers": {"Retry-After":
+"0.1"}}``, ``{"status": 500}``, ``{"delay": 2.0}``, ``{"malformed": True}``,
+``{"drop_after": 2}`` (stream: close the socket after two chunks), ``{"reply": "..."}``.
+``requests`` records every request body, ``paths`` its path. Only the loopback address is ever
+bound.
 """
 
 from __future__ import annotations
@@ -19,12 +29,13 @@ from typing import Any, Callable
 __all__ = ["OpenAICompatServer", "echo_reply"]
 
 
-def echo_reply(messages: list[dict[str, Any]]) -> str:
+def echo_reply(messages: list[dict[str, Any]]) -> str | list[str]:
+    """The default reply: "You said: " and the last user message's text."""
     for msg in reversed(messages):
         if msg.get("role") == "user":
             content = msg.get("content")
             if isinstance(content, list):
-                content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+                content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
             return f"You said: {content}"
     return "Hello."
 
@@ -59,8 +70,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with owner._lock:
             owner.requests.append(body)
+            owner.paths.append(self.path)
             fault = owner.script.popleft() if owner.script else {}
-        if not self.path.rstrip("/").endswith("/chat/completions"):
+        route = next((r for r in ("/chat/completions", "/completions", "/responses")
+                      if self.path.rstrip("/").endswith(r)), None)
+        if route is None:
             self._send_json(404, {"error": {"message": f"no route {self.path}"}})
             return
         if fault.get("delay"):
@@ -72,55 +86,154 @@ class _Handler(BaseHTTPRequestHandler):
         if fault.get("malformed"):
             self._send_json(200, None, raw=b'{"id": "x", "choices": [ {oops')
             return
-        text = fault.get("reply") or owner.reply(body.get("messages") or [])
+        messages = _as_messages(route, body)
+        n = max(1, int(body.get("n") or 1)) if route != "/responses" else 1
+        texts = fault.get("reply") or owner.reply(messages)
+        texts = [texts] * n if isinstance(texts, str) else list(texts)[:n]
         model = body.get("model", "fake-model")
-        owner.counter += 1
-        cid = f"chatcmpl-{owner.counter}"
-        if body.get("stream"):
-            self._stream(cid, model, text, int(fault.get("drop_after", -1)))
+        with owner._lock:
+            owner.counter += 1
+            number = owner.counter
+        drop = int(fault.get("drop_after", -1))
+        if route == "/responses":
+            self._respond_responses(f"resp_{number}", model, texts[0], bool(body.get("stream")),
+                                    drop)
             return
+        chat = route == "/chat/completions"
+        cid = f"{'chatcmpl' if chat else 'cmpl'}-{number}"
+        if body.get("stream"):
+            self._stream_choices(cid, model, texts, drop, chat)
+            return
+        words = sum(len(t.split()) for t in texts)
         self._send_json(200, {
-            "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": text}}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": len(text.split()),
-                      "total_tokens": 1 + len(text.split())},
+            "id": cid, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": model,
+            "choices": [{"index": i, "finish_reason": "stop", "logprobs": None,
+                         **({"message": {"role": "assistant", "content": t}} if chat else
+                            {"text": t})} for i, t in enumerate(texts)],
+            "usage": {"prompt_tokens": 1, "completion_tokens": words, "total_tokens": 1 + words},
         })
 
-    def _stream(self, cid: str, model: str, text: str, drop_after: int) -> None:
+    def _begin_events(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Connection", "close")
         self.end_headers()
 
-        def emit(payload: str) -> None:
-            data = f"data: {payload}\n\n".encode()
-            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-            self.wfile.flush()
+    def _emit(self, payload: str, event: str | None = None) -> None:
+        data = (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
+        raw = data.encode()
+        self.wfile.write(f"{len(raw):x}\r\n".encode() + raw + b"\r\n")
+        self.wfile.flush()
 
-        pieces = [w + " " for w in text.split(" ")]
-        pieces[-1] = pieces[-1][:-1]
-        chunk_size = self.server.owner.words_per_chunk
-        groups = ["".join(pieces[i:i + chunk_size]) for i in range(0, len(pieces), chunk_size)]
-        base = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": model}
-        emit(json.dumps({**base, "choices": [{"index": 0, "delta": {"role": "assistant"},
-                                              "finish_reason": None}]}))
-        for n, group in enumerate(groups):
-            if n == drop_after:
-                self.wfile.flush()
-                self.connection.shutdown(2)  # drop the connection mid-stream
-                self.close_connection = True
-                return
-            emit(json.dumps({**base, "choices": [{"index": 0, "delta": {"content": group},
-                                                  "finish_reason": None}]}))
-            if self.server.owner.chunk_delay:
-                time.sleep(self.server.owner.chunk_delay)
-        emit(json.dumps({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
-        emit("[DONE]")
+    def _end_events(self) -> None:
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+    def _drop(self) -> None:
+        self.wfile.flush()
+        self.connection.shutdown(2)  # drop the connection mid-stream
+        self.close_connection = True
+
+    def _groups(self, text: str) -> list[str]:
+        pieces = [w + " " for w in text.split(" ")]
+        pieces[-1] = pieces[-1][:-1]
+        size = self.server.owner.words_per_chunk
+        return ["".join(pieces[i:i + size]) for i in range(0, len(pieces), size)]
+
+    def _stream_choices(self, cid: str, model: str, texts: list[str], drop_after: int,
+                        chat: bool) -> None:
+        self._begin_events()
+        base = {"id": cid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": model}
+
+        def choice(i: int, piece: str | None, finish: str | None) -> dict[str, Any]:
+            if chat:
+                delta = {"role": "assistant"} if piece is None else \
+                    ({"content": piece} if piece else {})
+                return {"index": i, "delta": delta, "finish_reason": finish}
+            return {"index": i, "text": piece or "", "finish_reason": finish, "logprobs": None}
+
+        if chat:
+            for i in range(len(texts)):
+                self._emit(json.dumps({**base, "choices": [choice(i, None, None)]}))
+        groups = [self._groups(t) for t in texts]
+        sent = 0
+        for step in range(max(len(g) for g in groups)):
+            for i, g in enumerate(groups):  # the choices interleaved, one group each in turn
+                if step >= len(g):
+                    continue
+                if sent == drop_after:
+                    self._drop()
+                    return
+                self._emit(json.dumps({**base, "choices": [choice(i, g[step], None)]}))
+                sent += 1
+                if self.server.owner.chunk_delay:
+                    time.sleep(self.server.owner.chunk_delay)
+        for i in range(len(texts)):
+            self._emit(json.dumps({**base, "choices": [choice(i, "", "stop")]}))
+        self._emit("[DONE]")
+        self._end_events()
+
+    def _respond_responses(self, rid: str, model: str, text: str, stream: bool,
+                           drop_after: int) -> None:
+        message = {"type": "message", "id": f"msg_{rid}", "role": "assistant",
+                   "status": "completed",
+                   "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        response = {"id": rid, "object": "response", "created_at": int(time.time()),
+                    "model": model, "status": "completed", "output": [message],
+                    "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+                    "usage": {"input_tokens": 1, "output_tokens": len(text.split()),
+                              "total_tokens": 1 + len(text.split()),
+                              "input_tokens_details": {"cached_tokens": 0,
+                                                       "cache_write_tokens": 0},
+                              "output_tokens_details": {"reasoning_tokens": 0}}}
+        if not stream:
+            self._send_json(200, response)
+            return
+        self._begin_events()
+        seq = iter(range(1_000_000))
+
+        def emit(kind: str, **fields: Any) -> None:
+            self._emit(json.dumps({"type": kind, "sequence_number": next(seq), **fields}), kind)
+
+        started = {**response, "status": "in_progress", "output": []}
+        emit("response.created", response=started)
+        emit("response.output_item.added", output_index=0,
+             item={**message, "status": "in_progress", "content": []})
+        emit("response.content_part.added", output_index=0, item_id=message["id"],
+             content_index=0, part={"type": "output_text", "text": "", "annotations": []})
+        for n, group in enumerate(self._groups(text)):
+            if n == drop_after:
+                self._drop()
+                return
+            emit("response.output_text.delta", output_index=0, item_id=message["id"],
+                 content_index=0, delta=group, logprobs=[])
+            if self.server.owner.chunk_delay:
+                time.sleep(self.server.owner.chunk_delay)
+        emit("response.output_text.done", output_index=0, item_id=message["id"],
+             content_index=0, text=text, logprobs=[])
+        emit("response.content_part.done", output_index=0, item_id=message["id"],
+             content_index=0, part=message["content"][0])
+        emit("response.output_item.done", output_index=0, item=message)
+        emit("response.completed", response=response)
+        self._end_events()
+
+
+def _as_messages(route: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The request's text as chat messages, for ``reply``."""
+    if route == "/chat/completions":
+        return body.get("messages") or []
+    if route == "/completions":
+        prompt = body.get("prompt")
+        prompts = prompt if isinstance(prompt, list) else [prompt]
+        return [{"role": "user", "content": p} for p in prompts if isinstance(p, str)]
+    value = body.get("input")
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    return [{"role": item.get("role", "user"), "content": item.get("content")}
+            for item in value or [] if isinstance(item, dict)]
 
 
 class _Server(ThreadingHTTPServer):
@@ -144,6 +257,7 @@ class OpenAICompatServer:
         self.reply = reply
         self.script: deque[dict[str, Any]] = deque()
         self.requests: list[dict[str, Any]] = []
+        self.paths: list[str] = []
         self.words_per_chunk = words_per_chunk
         self.chunk_delay = chunk_delay
         self.counter = 0

@@ -1,0 +1,316 @@
+"""Guard integrity, 1: no route around the guard.
+
+Every method of the installed ``openai`` SDK, on ``OpenAI`` and ``AsyncOpenAI``, plain and
+through ``with_raw_response`` / ``with_streaming_response`` at every level, is reached through a
+guarded client and must be guarded, passed through because it carries no text (a short explicit
+list), or refused with ``UnguardedCallError`` naming it. A method a future SDK adds lands in
+"refused" by construction, and this walk proves it does not bypass. The guarded routes are then
+driven with the real ``openai`` client against the local server: a trigger in the prompt never
+reaches it, a trigger in the response never reaches the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import pytest
+from conftest import JB_HEADS, JB_POLICY, jb_score, sdk_client
+from openai._resource import AsyncAPIResource, SyncAPIResource
+
+from guardmerge import (FunctionClassifier, Guard, Policy, PromptBlockedError,
+                        ResponseBlockedError, UnguardedCallError, guard_client)
+from guardmerge.client import ROUTES, SAFE_CALLS
+
+MODES = ("with_raw_response", "with_streaming_response")
+
+
+def _is_resource(value) -> bool:
+    name = type(value).__name__
+    return isinstance(value, (SyncAPIResource, AsyncAPIResource)) or \
+        name.endswith(("WithRawResponse", "WithStreamedResponse", "WithStreamingResponse"))
+
+
+def _walk(obj, path=(), mode=None, seen=None):
+    """(path, mode) of every public method reachable from ``obj``; ``mode`` is the wrapper
+    crossed on the way (it does not count in the path, as in ``ROUTES``)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    for name in sorted(n for n in dir(obj) if not n.startswith("_")):
+        if isinstance(inspect.getattr_static(obj, name, None), property) and name not in MODES:
+            continue  # plain properties hold data (base_url, auth headers)
+        try:
+            value = getattr(obj, name)
+        except Exception:  # noqa: BLE001 - a property that needs configuration
+            continue
+        if name in MODES:
+            yield from _walk(value, path, name, seen)
+        elif _is_resource(value):
+            yield from _walk(value, (*path, name), mode, seen)
+        elif callable(value) and not isinstance(value, type):
+            yield (*path, name), mode
+
+
+def _resolve(guarded, path, mode):
+    """The guarded client's attribute at ``path``, crossing ``mode`` after the resource."""
+    obj = guarded
+    for i, name in enumerate(path):
+        if mode and i == len(path) - 1:
+            obj = getattr(obj, mode)
+        obj = getattr(obj, name)
+    return obj
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["OpenAI", "AsyncOpenAI"])
+def test_every_sdk_method_is_guarded_passed_or_refused(llm, jb_guard, asynchronous):
+    client = sdk_client(llm, asynchronous=asynchronous)
+    guarded = guard_client(client, jb_guard)
+    methods = set(_walk(client))
+    assert len(methods) > 500  # the walk really covers the SDK (openai 3.x: ~1,300)
+    guarded_paths, safe, refused = set(), set(), set()
+    for path, mode in sorted(methods, key=str):
+        if path in (("with_options",), ("copy",)):
+            continue  # return guarded clients: tested below
+        attr = _resolve(guarded, path, mode)
+        if path in ROUTES:
+            assert not getattr(attr, "__name__", "").startswith("refused:"), path
+            guarded_paths.add(path)
+        elif path in SAFE_CALLS:
+            real = _resolve(client, path, mode)
+            assert attr == real, path
+            safe.add(path)
+        else:
+            label = "client." + ".".join(path[:-1] + ((mode,) if mode else ()) + path[-1:])
+            with pytest.raises(UnguardedCallError) as err:
+                result = attr()
+                if inspect.isawaitable(result):  # never reached: the refusal is synchronous
+                    asyncio.run(result)
+            assert err.value.method == label
+            refused.add(path)
+    assert llm.requests == []  # nothing was sent by any of them
+    # the tables name methods the SDK has (a rename in a future SDK fails here)
+    assert {p for p, _ in methods} >= set(ROUTES) | SAFE_CALLS
+    assert guarded_paths == set(ROUTES)
+    assert {("chat", "completions", "retrieve"), ("embeddings", "create"), ("post",),
+            ("responses", "retrieve"), ("responses", "connect")} <= refused
+
+
+def test_private_attributes_and_the_raw_http_methods_are_refused(llm, jb_guard):
+    guarded = guard_client(sdk_client(llm), jb_guard)
+    for attr in (guarded._client, guarded.post, guarded.request, guarded.chat.completions._post):
+        with pytest.raises(UnguardedCallError):
+            attr()
+    assert guarded.wrapped.base_url == guarded.base_url  # plain attributes pass
+    assert llm.requests == []
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def _sync_prompt_routes(g):
+    m = user("ignore that, xyzzy")
+    return {
+        "chat.create": lambda: g.chat.completions.create(model="m", messages=m),
+        "chat.create(stream)": lambda: list(g.chat.completions.create(model="m", messages=m,
+                                                                      stream=True)),
+        "chat.parse": lambda: g.chat.completions.parse(model="m", messages=m),
+        "chat.stream": lambda: g.chat.completions.stream(model="m", messages=m).__enter__(),
+        "beta.chat.parse": lambda: g.beta.chat.completions.parse(model="m", messages=m),
+        "chat.raw.create": lambda: g.chat.completions.with_raw_response.create(model="m",
+                                                                               messages=m),
+        "chat.raw.parse": lambda: g.chat.completions.with_raw_response.parse(model="m",
+                                                                             messages=m),
+        "client.raw.chat.create": lambda: g.with_raw_response.chat.completions.create(
+            model="m", messages=m),
+        "chat.streaming.create": lambda: g.chat.completions.with_streaming_response.create(
+            model="m", messages=m).__enter__(),
+        "copy().chat.create": lambda: g.copy(timeout=5).chat.completions.create(model="m",
+                                                                                messages=m),
+        "with_options().chat.create": lambda: g.with_options(max_retries=0).chat.completions
+        .create(model="m", messages=m),
+        "completions.create": lambda: g.completions.create(model="m", prompt="xyzzy"),
+        "completions.create(list)": lambda: g.completions.create(model="m",
+                                                                 prompt=["hi", "xyzzy"]),
+        "completions.suffix": lambda: g.completions.create(model="m", prompt="hi", suffix="xyzzy"),
+        "completions.raw": lambda: g.completions.with_raw_response.create(model="m",
+                                                                          prompt="xyzzy"),
+        "responses.create": lambda: g.responses.create(model="m", input="xyzzy"),
+        "responses.create(items)": lambda: g.responses.create(model="m", input=[
+            {"role": "user", "content": [{"type": "input_text", "text": "xyzzy"}]}]),
+        "responses.instructions": lambda: g.responses.create(model="m", input="hi",
+                                                             instructions="xyzzy"),
+        "responses.tool_output": lambda: g.responses.create(model="m", input=[
+            {"type": "function_call_output", "call_id": "c", "output": "xyzzy"}]),
+        "responses.stream": lambda: g.responses.stream(model="m", input="xyzzy").__enter__(),
+        "responses.parse": lambda: g.responses.parse(model="m", input="xyzzy"),
+        "responses.raw": lambda: g.responses.with_raw_response.create(model="m", input="xyzzy"),
+        "responses.streaming": lambda: g.responses.with_streaming_response.create(
+            model="m", input="xyzzy").__enter__(),
+    }
+
+
+ROUTE_NAMES = list(_sync_prompt_routes(None))
+
+
+@pytest.mark.parametrize("route", ROUTE_NAMES)
+def test_a_trigger_in_the_prompt_never_reaches_the_upstream(llm, jb_guard, route):
+    guarded = guard_client(sdk_client(llm), jb_guard)
+    if route == "responses.instructions":  # instructions are a system message: check them
+        policy = Policy.from_yaml(JB_POLICY.replace("roles: [user, tool]",
+                                                    "roles: [system, user, tool]"))
+        guarded = guard_client(sdk_client(llm), Guard(FunctionClassifier(JB_HEADS, jb_score),
+                                                      policy))
+    with pytest.raises(PromptBlockedError) as err:
+        _sync_prompt_routes(guarded)[route]()
+    assert err.value.verdict.findings[0].head == "jailbreak"
+    assert llm.requests == []
+
+
+def _sync_output_routes(g):
+    m = user("tell me the secret")
+    return {
+        "chat.create": lambda: g.chat.completions.create(model="m", messages=m),
+        "chat.create(stream)": lambda: list(g.chat.completions.create(model="m", messages=m,
+                                                                      stream=True)),
+        "chat.parse": lambda: g.chat.completions.parse(model="m", messages=m),
+        "chat.stream": lambda: [e for e in g.chat.completions.stream(model="m",
+                                                                     messages=m).__enter__()],
+        "chat.raw.create": lambda: g.chat.completions.with_raw_response.create(model="m",
+                                                                               messages=m),
+        "chat.raw.create(stream)": lambda: list(g.chat.completions.with_raw_response.create(
+            model="m", messages=m, stream=True).parse()),
+        "chat.streaming.create": lambda: g.chat.completions.with_streaming_response.create(
+            model="m", messages=m).__enter__(),
+        "chat.streaming.create(stream)": lambda: list(
+            g.chat.completions.with_streaming_response.create(model="m", messages=m,
+                                                              stream=True).__enter__().parse()),
+        "completions.create": lambda: g.completions.create(model="m", prompt="tell me the secret"),
+        "completions.create(stream)": lambda: list(g.completions.create(
+            model="m", prompt="tell me the secret", stream=True)),
+        "responses.create": lambda: g.responses.create(model="m", input="tell me the secret"),
+        "responses.create(stream)": lambda: list(g.responses.create(
+            model="m", input="tell me the secret", stream=True)),
+        "responses.stream": lambda: [e for e in g.responses.stream(
+            model="m", input="tell me the secret").__enter__()],
+        "responses.parse": lambda: g.responses.parse(model="m", input="tell me the secret"),
+    }
+
+
+@pytest.mark.parametrize("route", list(_sync_output_routes(None)))
+def test_a_trigger_in_the_response_never_reaches_the_caller(llm, jb_guard, route):
+    guarded = guard_client(sdk_client(llm), jb_guard, window_chars=120, overlap_chars=20)
+    with pytest.raises(ResponseBlockedError) as err:
+        _sync_output_routes(guarded)[route]()
+    assert err.value.verdict.direction == "output" and len(llm.requests) == 1
+
+
+def test_passing_calls_on_every_route_return_the_sdk_objects(llm, jb_guard):
+    g = guard_client(sdk_client(llm), jb_guard)
+    m = user("hello there")
+    assert g.chat.completions.create(model="m", messages=m).choices[0].message.content == \
+        "You said: hello there"
+    assert g.chat.completions.parse(model="m", messages=m).choices[0].message.content == \
+        "You said: hello there"
+    with g.chat.completions.stream(model="m", messages=m) as s:
+        assert s.get_final_completion().choices[0].message.content == "You said: hello there"
+    raw = g.chat.completions.with_raw_response.create(model="m", messages=m)
+    assert raw.status_code == 200 and raw.parse().choices[0].message.content.endswith("there")
+    with g.chat.completions.with_streaming_response.create(model="m", messages=m) as r:
+        assert r.parse().choices[0].message.content.endswith("there")
+    raw_stream = g.with_raw_response.chat.completions.create(model="m", messages=m, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in raw_stream.parse() if c.choices)
+    assert text == "You said: hello there" and raw_stream.status_code == 200
+    with pytest.raises(UnguardedCallError, match="bypass the hold-back"):
+        raw_stream.iter_lines()  # the raw body of a stream would bypass the hold-back
+    assert g.completions.create(model="m", prompt="legacy").choices[0].text == "You said: legacy"
+    r = g.responses.create(model="m", input="new api")
+    assert type(r).__name__ == "Response" and r.output_text == "You said: new api"
+    with g.responses.stream(model="m", input="streamed") as s:
+        assert s.get_final_response().output_text == "You said: streamed"
+    assert len(llm.requests) == 9
+
+
+def test_refusals_keep_each_api_shape(llm, jb_guard):
+    g = guard_client(sdk_client(llm), jb_guard, on_block="refuse", window_chars=60,
+                     overlap_chars=10)
+    c = g.completions.create(model="m", prompt="xyzzy")
+    assert type(c).__name__ == "Completion" and c.choices[0].finish_reason == "content_filter"
+    assert c.choices[0].text == "Refused by policy."
+    r = g.responses.create(model="m", input="xyzzy")
+    assert r.status == "incomplete" and r.incomplete_details.reason == "content_filter"
+    assert r.output_text == "Refused by policy."
+    r = g.responses.create(model="m", input="tell me the secret")
+    assert r.status == "incomplete" and "xyzzy" not in r.output_text
+    events = list(g.responses.create(model="m", input="tell me the secret", stream=True))
+    shown = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert "xyzzy" not in shown and shown.startswith("Sure. word")
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.incomplete_details.reason == "content_filter"
+    early = list(g.responses.create(model="m", input="xyzzy", stream=True))
+    assert [e.type for e in early] == ["response.created", "response.incomplete"]
+    chunks = list(g.completions.create(model="m", prompt="tell me the secret", stream=True))
+    assert "xyzzy" not in "".join(ch.choices[0].text for ch in chunks)
+    assert chunks[-1].choices[0].finish_reason == "content_filter"
+    assert len(llm.requests) == 3  # the blocked prompts were never sent
+
+
+def test_async_routes(llm, jb_guard):
+    async def main():
+        g = guard_client(sdk_client(llm, asynchronous=True), jb_guard)
+        m = user("ignore that, xyzzy")
+        for call in (lambda: g.chat.completions.create(model="m", messages=m),
+                     lambda: g.chat.completions.parse(model="m", messages=m),
+                     lambda: g.with_raw_response.chat.completions.create(model="m", messages=m),
+                     lambda: g.completions.create(model="m", prompt="xyzzy"),
+                     lambda: g.responses.create(model="m", input="xyzzy"),
+                     lambda: g.copy().responses.create(model="m", input="xyzzy")):
+            with pytest.raises(PromptBlockedError):
+                await call()
+        with pytest.raises(PromptBlockedError):
+            async with g.chat.completions.stream(model="m", messages=m):
+                pass
+        with pytest.raises(PromptBlockedError):
+            async with g.responses.with_streaming_response.create(model="m", input="xyzzy"):
+                pass
+        assert llm.requests == []
+        secret = user("tell me the secret")
+        with pytest.raises(ResponseBlockedError):
+            async with g.chat.completions.stream(model="m", messages=secret) as s:
+                async for _ in s:
+                    pass
+        with pytest.raises(ResponseBlockedError):
+            async for _ in await g.responses.create(model="m", input="tell me the secret",
+                                                    stream=True):
+                pass
+        with pytest.raises(ResponseBlockedError):
+            async with g.chat.completions.with_streaming_response.create(model="m",
+                                                                         messages=secret):
+                pass
+        async with g.responses.stream(model="m", input="fine") as s:
+            async for _ in s:
+                pass
+            assert (await s.get_final_response()).output_text == "You said: fine"
+        with pytest.raises(UnguardedCallError, match=r"client\.embeddings\.create"):
+            await g.embeddings.create(model="m", input="xyzzy")
+
+    asyncio.run(main())
+    assert len(llm.requests) == 4
+
+
+def test_guardmerge_chat_client_is_guarded_the_same_way(jb_guard):
+    import httpx
+
+    from guardmerge import ChatClient
+
+    sent = []
+    client = ChatClient("http://upstream.invalid/v1", transport=httpx.MockTransport(
+        lambda request: sent.append(request) or httpx.Response(200, json={})))
+    guarded = guard_client(client, jb_guard)
+    with pytest.raises(PromptBlockedError):
+        guarded.chat.completions.create(model="m", messages=user("xyzzy"))
+    with pytest.raises(UnguardedCallError, match="create_chat_completion"):
+        guarded.create_chat_completion(model="m", messages=user("xyzzy"))
+    assert sent == []

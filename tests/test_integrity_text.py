@@ -1,0 +1,248 @@
+"""Guard integrity, 2 and 5: no evasion by encoding; messages read once, every part accounted.
+
+The evasions are driven through the real trigger bundle (its jailbreak head fires iff the word
+"xyzzy" is in the window) and the real ``openai`` client: each one blocks, the finding says the
+normalised form fired and points at the original characters. Ordinary Russian, Greek and
+Japanese text is left as it is and scored once.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import JB_HEADS, JB_POLICY, jb_score, sdk_client
+
+from guardmerge import (BundleClassifier, FunctionClassifier, Guard, Policy, PromptBlockedError,
+                        guard_client, normalize_text)
+
+TAGS = "".join(chr(0xE0000 + ord(c)) for c in "xyzzy")
+EVASIONS = {
+    "hangul filler": "xy\u3164zzy",
+    "halfwidth hangul filler": "xy\uffa0zzy",
+    "zero-width space": "xy\u200bzzy",
+    "zero-width joiner": "x\u200dyzzy",
+    "soft hyphen": "xyz\u00adzy",
+    "word joiner": "xyzz\u2060y",
+    "combining grapheme joiner": "xy\u034fzzy",
+    "variation selector": "xyz\ufe0fzy",
+    "variation selector supplement": "xyz\U000e0101zy",
+    "bidi override": "\u202exyzzy\u202c",
+    "fullwidth": "ｘｙｚｚｙ",
+    "math bold": "𝐱𝐲𝐳𝐳𝐲",
+    "math script": "𝓍𝓎𝓏𝓏𝓎",
+    "cyrillic confusables": "хуzzу",
+    "cyrillic and fullwidth": "хｙｚｚу",
+    "tag characters": TAGS,
+}
+ORDINARY = {
+    "russian": "Привет! Как дела? Я читаю книгу о Москве и пью чай.",
+    "greek": "Καλημέρα, τι κάνεις; Διαβάζω ένα βιβλίο για την Αθήνα.",
+    "japanese": "こんにちは。東京タワーへ行きたいです。今日はいい天気ですね。",
+    "latin with accents": "Le café de la gare est fermé; naïve façade, Straße über München.",
+}
+
+
+@pytest.fixture(scope="module")
+def trigger_guard(trigger_bundle):
+    policy = Policy.from_yaml("""
+input: {rules: [{id: jb, head: jailbreak, labels: [jailbreak], block: 0.9}]}
+output: {rules: [{id: jb-out, head: jailbreak, labels: [jailbreak], block: 0.9}]}
+""")
+    return Guard(BundleClassifier.from_pretrained(trigger_bundle), policy)
+
+
+def test_the_plain_trigger_blocks_on_the_original_form(trigger_guard):
+    v = trigger_guard.check_text("please xyzzy now")
+    assert v.blocked and [f.form for f in v.findings] == ["original"]
+    assert v.findings[0].span == (0, len("please xyzzy now"))
+
+
+@pytest.mark.parametrize("name", list(EVASIONS))
+def test_every_evasion_of_the_trigger_blocks_through_the_real_model(trigger_guard, name):
+    word = EVASIONS[name]
+    text = f"please {word} now"
+    assert normalize_text(text).text == "please xyzzy now"
+    v = trigger_guard.check_text(text)
+    assert v.blocked, name
+    finding = v.findings[0]
+    # BERT's own normaliser already drops some invisibles; where the model misses the original
+    # text, the finding says the normalised form fired
+    original = trigger_guard.classifier.classify([text])[0].score("jailbreak", "jailbreak")
+    assert finding.form == ("original" if original >= 0.9 else "normalized")
+    assert finding.head == "jailbreak"
+    assert finding.span == (0, len(text))  # the window's span, in original characters
+    if finding.form == "normalized":
+        assert "(normalized text)" in finding.describe()
+
+
+def test_the_model_alone_misses_the_evasions_the_normalisation_catches(trigger_guard):
+    missed = [name for name, word in EVASIONS.items()
+              if trigger_guard.classifier.classify([f"please {word} now"])[0]
+              .score("jailbreak", "jailbreak") < 0.5]
+    # what the issue's probes found passing: fillers, fullwidth, math letters, confusables, tags
+    assert {"hangul filler", "fullwidth", "math bold", "cyrillic confusables",
+            "tag characters"} <= set(missed)
+
+
+@pytest.mark.parametrize("name", list(EVASIONS))
+def test_every_evasion_is_blocked_by_a_guarded_openai_client(llm, trigger_guard, name):
+    guarded = guard_client(sdk_client(llm), trigger_guard)
+    with pytest.raises(PromptBlockedError) as err:
+        guarded.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": f"hi {EVASIONS[name]}"}])
+    assert err.value.verdict.findings[0].head == "jailbreak"
+    assert llm.requests == []
+
+
+def test_spans_map_back_to_the_original_characters():
+    text = "a хуzzу and ｘｙｚｚｙ and xy\u200bzzy"
+    n = normalize_text(text)
+    assert n.text == "a xyzzy and xyzzy and xyzzy"
+    spans = []
+    start = 0
+    for _ in range(3):
+        i = n.text.index("xyzzy", start)
+        spans.append(text[slice(*n.original_span(i, i + 5))])
+        start = i + 5
+    assert spans == ["хуzzу", "ｘｙｚｚｙ", "xy\u200bzzy"]
+    tags = normalize_text("see" + TAGS + "!")
+    assert tags.text == "seexyzzy!" and tags.original_span(3, 8) == (3, 8)
+
+
+@pytest.mark.parametrize("name", list(ORDINARY))
+def test_ordinary_non_latin_text_is_not_mangled_and_scored_once(name):
+    text = ORDINARY[name]
+    assert not normalize_text(text).changed
+    seen = []
+    guard = Guard(FunctionClassifier(JB_HEADS, lambda t: seen.append(t) or jb_score(t)),
+                  Policy.from_yaml(JB_POLICY), cache_size=0)
+    assert guard.check_text(text).passed
+    assert seen == [text]
+
+
+def test_single_script_lookalike_words_are_left_alone():
+    # a whole word of Cyrillic letters is Russian text, not a mixed-script spoof (the README
+    # names this limit): only mixed-script words are folded
+    assert normalize_text("хуу").text == "хуу"
+    assert normalize_text("x хуу").text == "x хуу"
+
+
+# -- 5: messages -------------------------------------------------------------------------------
+
+
+def _recording_client(llm, guard):
+    return guard_client(sdk_client(llm), guard)
+
+
+def test_a_generator_of_messages_is_checked_and_sent_as_one_list(llm, jb_guard):
+    guarded = _recording_client(llm, jb_guard)
+    msgs = ({"role": "user", "content": f"part {i}"} for i in range(3))
+    r = guarded.chat.completions.create(model="m", messages=msgs)
+    assert r.choices[0].message.content == "You said: part 2"
+    assert llm.requests[0]["messages"] == [{"role": "user", "content": f"part {i}"}
+                                           for i in range(3)]
+    with pytest.raises(PromptBlockedError):
+        guarded.chat.completions.create(
+            model="m", messages=({"role": "user", "content": t} for t in ("hi", "xyzzy")))
+    assert len(llm.requests) == 1
+
+
+class Flip:
+    """An iterable that yields different messages on each pass."""
+
+    def __init__(self, *passes):
+        self.passes = list(passes)
+
+    def __iter__(self):
+        return iter([{"role": "user", "content": self.passes.pop(0)}])
+
+
+def test_an_iterable_that_changes_between_passes_is_sent_as_it_was_checked(llm, jb_guard):
+    guarded = _recording_client(llm, jb_guard)
+    guarded.chat.completions.create(model="m", messages=Flip("hello", "xyzzy"))
+    assert llm.requests[0]["messages"] == [{"role": "user", "content": "hello"}]
+    with pytest.raises(PromptBlockedError):
+        guarded.chat.completions.create(model="m", messages=Flip("xyzzy", "hello"))
+    assert len(llm.requests) == 1
+
+
+def test_responses_input_iterables_are_materialised_once(llm, jb_guard):
+    guarded = _recording_client(llm, jb_guard)
+    items = ({"role": "user", "content": t} for t in ("one", "two"))
+    assert guarded.responses.create(model="m", input=items).output_text == "You said: two"
+    assert llm.requests[0]["input"] == [{"role": "user", "content": "one"},
+                                        {"role": "user", "content": "two"}]
+
+
+@pytest.mark.parametrize("role", ["USER", " user", "User\t", "TOOL"])
+def test_roles_match_case_insensitively_after_stripping(jb_guard, role):
+    assert jb_guard.check([{"role": role, "content": "xyzzy"}]).blocked
+
+
+def _guard(extra_input: str = "", on_error: str | None = None) -> Guard:
+    text = JB_POLICY.replace("  roles: [user, tool]\n", f"  roles: [user, tool]\n{extra_input}")
+    if on_error:
+        text = f"on_error: {on_error}\n" + text
+    return Guard(FunctionClassifier(JB_HEADS, jb_score), Policy.from_yaml(text))
+
+
+def test_unknown_roles_are_checked_with_the_user_rules_by_default(jb_guard):
+    v = jb_guard.check([{"role": "hacker", "content": "xyzzy"}])
+    assert v.blocked and v.findings[0].role == "hacker"
+    assert jb_guard.check([{"role": "hacker", "content": "hello"}]).passed
+    assert jb_guard.check([{"role": "system", "content": "xyzzy"}]).passed  # known, not listed
+    blocking = _guard("  unknown_roles: block\n")
+    v = blocking.check([{"role": "hacker", "content": "hello"}])
+    assert v.blocked and v.findings[0].kind == "unknown_role"
+    assert _guard("  unknown_roles: pass\n").check([{"role": "hacker", "content": "xyzzy"}]).passed
+    with pytest.raises(ValueError, match=r"input\.unknown_roles: expected one of check, block, pass"):
+        Policy.from_yaml(JB_POLICY.replace("  roles: [user, tool]\n",
+                                           "  roles: [user, tool]\n  unknown_roles: maybe\n"))
+
+
+UNREADABLE = {
+    "part without type": [{"text": "hello"}],
+    "unknown part type": [{"type": "mystery", "text": "hello"}],
+    "bytes content": b"hello",
+    "nested list": [["hello"]],
+    "unknown object": object(),
+    "bytes text field": [{"type": "text", "text": b"hello"}],
+    "a number": 42,
+}
+
+
+@pytest.mark.parametrize("name", list(UNREADABLE))
+def test_content_the_guard_cannot_read_is_never_a_pass(jb_guard, name):
+    v = jb_guard.check([{"role": "user", "content": UNREADABLE[name]}])
+    assert v.blocked, name  # on_error defaults to block
+    assert [f.kind for f in v.findings] == ["unreadable"]
+    monitor = _guard(on_error="flag").check([{"role": "user", "content": UNREADABLE[name]}])
+    assert monitor.flagged  # a policy that says flag gets a flag, still not a pass
+
+
+def test_untyped_parts_are_scored_as_well(jb_guard):
+    v = _guard(on_error="pass").check([{"role": "user", "content": [{"text": "xyzzy"}]}])
+    assert v.blocked and {f.kind for f in v.findings} == {"rule", "unreadable"}
+
+
+def test_unreadable_content_through_the_client_never_reaches_the_upstream(llm, jb_guard):
+    guarded = _recording_client(llm, jb_guard)
+    with pytest.raises(PromptBlockedError) as err:
+        guarded.chat.completions.create(model="m", messages=[
+            {"role": "user", "content": [{"text": "xyzzy"}]}])
+    assert any("has no 'type'" in (f.detail or "") for f in err.value.verdict.findings)
+    with pytest.raises(PromptBlockedError):
+        guarded.completions.create(model="m", prompt=[1, 2, 3])  # token ids: unreadable
+    with pytest.raises(PromptBlockedError):
+        guarded.responses.create(model="m", input=[{"type": "item_reference", "id": "x"}])
+    assert llm.requests == []
+
+
+def test_log_records_never_carry_the_text(jb_guard, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="guardmerge")
+    secret = "the-password-is-hunter2 xyzzy"
+    jb_guard.check([{"role": "user", "content": secret}])
+    jb_guard.check([{"role": "user", "content": [{"text": secret}]}])
+    _guard(on_error="flag").check([{"role": "user", "content": [{"mystery": secret}]}])
+    assert caplog.records and "hunter2" not in caplog.text
