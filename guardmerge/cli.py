@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from ._options import add_options, from_args
 from .classifier import RuntimeOptions
 from .exceptions import ConfigError, GuardmergeError, ModelLoadError
-from .merge.options import MergeOptions, SearchOptions
+from .merge.options import DistillOptions, MergeOptions, SearchOptions
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -70,8 +70,21 @@ def _build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="HM3-merge classifiers into a guard bundle")
     m.add_argument("recipe", help="merge recipe YAML")
-    m.add_argument("-o", "--output", required=True, help="bundle folder to write")
+    m.add_argument("-o", "--output", help="bundle folder to write (required unless --dry-run)")
+    m.add_argument("--dry-run", action="store_true", help="check the sources and print how much "
+                   "their task vectors interfere (norms, layer shares, cosines, sign conflicts, "
+                   "warnings); write nothing")
     add_options(m, MergeOptions)
+
+    d = sub.add_parser("distill", help="train a merged bundle to match every source model on "
+                       "unlabelled texts (multi-teacher distillation)")
+    d.add_argument("bundle", help="merged bundle (its manifest names the sources)")
+    d.add_argument("--texts", nargs="+", required=True, metavar="FILE",
+                   help="unlabelled texts: JSONL (text, optional head), CSV or plain lines")
+    d.add_argument("-o", "--output", required=True, help="bundle folder to write")
+    d.add_argument("--source", action="append", default=[], metavar="HEAD=DIR",
+                   help="teacher of HEAD instead of the manifest's source (repeatable)")
+    add_options(d, DistillOptions)
 
     e = sub.add_parser("eval", help="per-head accuracy / macro-F1 / confusion on labelled data")
     e.add_argument("model", help="bundle or single-head classifier folder (or Hub id)")
@@ -259,9 +272,35 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import merge
+    from .merge import merge, mergeability
 
+    if args.dry_run:
+        print(mergeability(args.recipe).render())
+        return EXIT_OK
+    if not args.output:
+        raise _UsageError("guardmerge merge: -o/--output is required (or --dry-run)")
+    _quiet_transformers(args.verbose)
     out = merge(args.recipe, args.output, from_args(MergeOptions, args))
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+def _pairs(items: Sequence[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise _UsageError(f"{flag} {item!r}: expected HEAD=DIR")
+        out[key] = value
+    return out
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from .merge import distill
+
+    _quiet_transformers(args.verbose)
+    out = distill(args.bundle, args.texts, args.output, from_args(DistillOptions, args),
+                  sources=_pairs(args.source, "--source"))
     print(f"wrote {out}")
     return EXIT_OK
 
@@ -281,7 +320,7 @@ def _single_head_view(clf: Any, as_head: str | None, labels: str | None) -> dict
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .classifier import BundleClassifier
-    from .merge import comparison_table, evaluate, load_examples, render_comparison
+    from .merge import collapse_warnings, comparison_table, evaluate, load_examples, render_comparison
 
     _quiet_transformers(args.verbose)
     runtime = from_args(RuntimeOptions, args)
@@ -306,10 +345,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         else:
             originals[head] = evaluate(src, examples, model=folder)
     rows = comparison_table(merged, originals)
+    warnings = collapse_warnings(merged, originals)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     if args.json:
         print(json.dumps({"model": merged.to_dict(), "sources": {k: v.to_dict() for k, v in
                                                                 originals.items()},
-                          "comparison": rows}, indent=2))
+                          "comparison": rows, "warnings": warnings}, indent=2))
     else:
         print(merged.render())
         if originals:
@@ -386,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"scan": _cmd_scan, "inspect": _cmd_inspect, "merge": _cmd_merge,
+                "distill": _cmd_distill,
                 "bench": _cmd_bench, "eval": _cmd_eval, "search": _cmd_search,
                 "build-guards": _cmd_build_guards}
     try:

@@ -113,21 +113,31 @@ def test_finetune_tiny_and_cache(tmp_path, tokenizer):
 def test_build_guards_tiny_end_to_end(tmp_path, tokenizer):
     base, _ = build_base_folder(tmp_path / "base", tokenizer=tokenizer)
     lines = []
-    summary = build_guards(tmp_path / "guards", base=base, heads=_tiny_heads(),
-                           epochs={"jb": 1, "tox": 1}, search_trials=2, progress=False,
-                           log=lines.append)
+    kw = dict(base=base, heads=_tiny_heads(), epochs={"jb": 1, "tox": 1}, search_trials=2,
+              distill_epochs=1, refit_texts=20, extra_texts=["some more unlabelled text"],
+              progress=False, log=lines.append)
+    summary = build_guards(tmp_path / "guards", **kw)
     info = inspect_bundle(summary["bundle"])
     assert [h.name for h in info.heads] == ["jb", "tox"]
-    assert set(summary["tables"]) >= {"soup", "ties 0.5", "dare_ties 0.5", "dare_ties search (2 trials)"}
-    row = summary["tables"]["soup"][0]
+    start = max(("ties 0.5 + refit", "regmean 0.9 + refit"), key=summary["validation"].get)
+    expected = {"task arithmetic (owner heads)", "ties 0.5 (owner heads)", "dare_ties 0.5",
+                "ties 0.5 + refit", "regmean 0.9 + refit", f"{start} + distill (1 epochs)",
+                "dare_ties search (2 trials)"}
+    assert set(summary["tables"]) == expected == set(summary["build_seconds"])
+    assert summary["chosen"] == max(summary["validation"], key=summary["validation"].get)
+    row = summary["tables"]["regmean 0.9 + refit"][0]
     test = [json.loads(line) for line in Path(summary["test_file"]).read_text().splitlines()]
     assert row["head"] == "jb" and row["n"] == sum(r["head"] == "jb" for r in test)
     assert 0.0 <= row["original_f1"] <= 1.0 and 0.0 <= row["merged_f1"] <= 1.0
+    distilled = Path(summary["bundles"][f"{start} + distill (1 epochs)"])
+    record = json.loads((distilled / "guardmerge.json").read_text())["distillation"]
+    assert record["texts"]["texts"] == len({t for h in _tiny_heads().values() for t, _ in h.train}) + 1
+    refit = json.loads((Path(summary["bundles"]["ties 0.5 + refit"]) / "guardmerge.json").read_text())
+    assert refit["refit"]["texts"] == 20
     t = summary["timing"]
     assert t["texts"] == len({r["text"] for r in test})
     assert t["ratio"] == pytest.approx(t["merged_s"] / t["separate_s"])
-    assert (tmp_path / "guards" / "comparison.md").exists()
-    again = build_guards(tmp_path / "guards", base=base, heads=_tiny_heads(),
-                         epochs={"jb": 1, "tox": 1}, search_trials=2, progress=False,
-                         log=lines.append)
+    comparison = (tmp_path / "guards" / "comparison.md").read_text()
+    assert all(f"## {label}" in comparison for label in expected)
+    again = build_guards(tmp_path / "guards", **kw)
     assert again["bundle"] == summary["bundle"] and "cached" in lines[-1]

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from guardmerge import BundleClassifier, ConfigError
-from guardmerge.merge import (Example, MergeRecipe, SearchOptions, evaluate, read_results,
-                              run_search)
-from guardmerge.merge.search import TrialContext, trial_densities
+from guardmerge.merge import (Example, MergeRecipe, ModelSpec, SearchOptions, evaluate,
+                              read_results, run_search)
+from guardmerge.merge.search import TrialContext, TrialParams, trial_params
 from guardmerge.testing import TRIGGER, build_tokenizer, build_trigger_model, random_text, save_model_folder
 
 
@@ -59,19 +59,38 @@ def case(tmp_path_factory):
     return {"root": root, "recipe": recipe, "data": data, "examples": examples, "source": src}
 
 
-def test_densities_depend_only_on_seed_and_trial():
+def _recipe(n: int, **kw) -> MergeRecipe:
+    return MergeRecipe(base="b", models=tuple(ModelSpec(model=f"m{i}") for i in range(n)), **kw)
+
+
+def test_trial_parameters_depend_only_on_seed_and_trial():
     spec = SearchOptions(trials=5, seed=3, beta=(2, 5))
-    assert trial_densities(spec, 2, 2) == trial_densities(spec, 2, 2)
-    assert trial_densities(spec, 2, 2) != trial_densities(spec, 3, 2)
-    shared, _ = trial_densities(SearchOptions(seed=3, shared_density=True), 1, 3)
+    two = _recipe(2, method="ties", lam=1.5, alpha=0.8)
+    assert trial_params(spec, 2, two) == trial_params(SearchOptions(trials=50, seed=3), 2, two)
+    assert trial_params(spec, 2, two) != trial_params(spec, 3, two)
+    p = trial_params(spec, 2, two)
+    assert (p.method, p.lam, p.alpha) == ("ties", 1.5, 0.8)  # not varied: the recipe's
+    shared = trial_params(SearchOptions(seed=3, shared_density=True), 1, _recipe(3)).densities
     assert len(set(shared)) == 1
-    d, _ = trial_densities(SearchOptions(seed=1, beta=(0.05, 50)), 0, 4)
+    d = trial_params(SearchOptions(seed=1, beta=(0.05, 50)), 0, _recipe(4)).densities
     assert all(0.01 <= x <= 1.0 for x in d)
+    varied = SearchOptions(seed=3, beta=(2, 5), methods=("ties", "dare_ties", "regmean"),
+                           lambda_range=(0.5, 2.0), alpha_range=(0.6, 1.0))
+    draws = [trial_params(varied, t, two) for t in range(60)]
+    assert {q.method for q in draws} == {"ties", "dare_ties", "regmean"}
+    assert all(0.5 <= q.lam <= 2.0 and 0.6 <= q.alpha <= 1.0 for q in draws)
+    # varying method / lambda / alpha draws after the densities and the seed: those stay
+    assert [(q.densities, q.seed) for q in draws[:5]] == \
+        [(q.densities, q.seed) for q in (trial_params(spec, t, two) for t in range(5))]
+    with pytest.raises(ConfigError, match="methods: unknown merge method 'soup'"):
+        SearchOptions(methods=("soup",))
+    with pytest.raises(ConfigError, match="alpha_range: expected LO <= HI"):
+        SearchOptions(alpha_range=(0.5, 1.5))
 
 
 def test_search_finds_the_better_low_density(case, tmp_path):
     ctx = TrialContext(MergeRecipe.from_dict(case["recipe"]), case["examples"], dtype="float32")
-    ctx.load("ties", [1.0], 0)
+    ctx.load(TrialParams(densities=[1.0], seed=0, method="ties", lam=1.0, alpha=0.9))
     full = ctx.evaluate().heads["jailbreak"].macro_f1
     assert full < 0.8  # keeping the whole noisy task vector hurts
     spec = SearchOptions(trials=6, seed=1, beta=(2.0, 8.0))
@@ -98,9 +117,9 @@ def test_resume_after_interruption(case, tmp_path):
     out = tmp_path / "s"
     full = run_search(case["recipe"], [case["data"]], tmp_path / "full", spec, dtype="float32",
                       save_best=False, compare_sources=False, report=False)
-    run_search(case["recipe"], [case["data"]], out, SearchOptions(trials=2, seed=2), dtype="float32",
+    run_search(case["recipe"], [case["data"]], out, SearchOptions(trials=2, seed=9), dtype="float32",
                save_best=False, compare_sources=False, report=False)
-    with pytest.raises(ConfigError, match="different search"):  # options differ: refused
+    with pytest.raises(ConfigError, match="different search"):  # another seed: refused
         run_search(case["recipe"], [case["data"]], out, spec, dtype="float32", resume=True,
                    save_best=False, compare_sources=False, report=False)
     # simulate an interruption of the 4-trial search after 2 trials and a half-written line
@@ -112,6 +131,24 @@ def test_resume_after_interruption(case, tmp_path):
     resumed = run_search(case["recipe"], [case["data"]], out, spec, dtype="float32", resume=True,
                          save_best=False, compare_sources=False, report=False)
     assert resumed["best"] == full["best"]
+    _, a = read_results(out / "trials.jsonl")
+    _, b = read_results(tmp_path / "full" / "trials.jsonl")
+    assert [(t.trial, t.densities, t.score) for t in a] == [(t.trial, t.densities, t.score) for t in b]
+
+
+def test_a_finished_search_is_extended_without_redoing_its_trials(case, tmp_path, monkeypatch):
+    import guardmerge.merge.search as search
+
+    kw = dict(dtype="float32", save_best=False, compare_sources=False, report=False)
+    full = run_search(case["recipe"], [case["data"]], tmp_path / "full", SearchOptions(trials=5, seed=4), **kw)
+    out = tmp_path / "grow"
+    run_search(case["recipe"], [case["data"]], out, SearchOptions(trials=3, seed=4), **kw)
+    ran = []
+    real = search.run_trial
+    monkeypatch.setattr(search, "run_trial", lambda o, t, *a, **k: ran.append(t) or real(o, t, *a, **k))
+    grown = run_search(case["recipe"], [case["data"]], out, SearchOptions(trials=5, seed=4),
+                       resume=True, **kw)
+    assert ran == [3, 4] and grown["best"] == full["best"]
     _, a = read_results(out / "trials.jsonl")
     _, b = read_results(tmp_path / "full" / "trials.jsonl")
     assert [(t.trial, t.densities, t.score) for t in a] == [(t.trial, t.densities, t.score) for t in b]

@@ -14,8 +14,9 @@ What lives here, in the order data flows:
 - ``regmean``, ``refit``, ``fitting``: RegMean's closed form, the head re-fit, and the
   data-aware steps that run them for a plan
 - ``write``: the streamed block merge and the atomic bundle writer (``merge()``)
-- ``distill``: multi-teacher distillation of a merged bundle
-- ``mergeability``: the dry-run report on how much the sources' task vectors interfere
+- ``distillation``: multi-teacher distillation of a merged bundle (``distill()``)
+- ``interference``: the dry-run report on how much the sources' task vectors interfere
+  (``mergeability()``)
 - ``evaluation``: labelled data, per-head metrics, the paper's Table-1 comparison
 - ``search``, ``report``: the density search (Algorithm 3) and its report
 
@@ -29,11 +30,13 @@ import typing as _typing
 
 _EXPORTS = {
     "EvalReport": "evaluation", "Example": "evaluation", "HeadReport": "evaluation",
-    "comparison_table": "evaluation", "evaluate": "evaluation", "load_examples": "evaluation",
+    "collapse_warnings": "evaluation", "comparison_table": "evaluation", "evaluate": "evaluation", "load_examples": "evaluation",
     "metrics": "evaluation", "render_comparison": "evaluation",
     "METHODS": "methods", "Method": "methods", "Sparsify": "methods",
     "merge_task_vectors": "methods", "merge_tensor": "methods",
-    "MergeOptions": "options", "SearchOptions": "options",
+    "DistillOptions": "options", "MergeOptions": "options", "SearchOptions": "options",
+    "distill": "distillation", "MergeabilityReport": "interference",
+    "mergeability": "interference",
     "MergePlan": "plan",
     "HeadMode": "recipe", "MergeRecipe": "recipe", "ModelSpec": "recipe", "load_recipe": "recipe",
     "TrialResult": "search", "read_results": "search", "run_search": "search",
@@ -44,10 +47,13 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if _typing.TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from .evaluation import (EvalReport, Example, HeadReport, comparison_table, evaluate,
-                             load_examples, metrics, render_comparison)
+    from .evaluation import (EvalReport, Example, HeadReport, collapse_warnings,
+                             comparison_table, evaluate, load_examples, metrics,
+                             render_comparison)
     from .methods import METHODS, Method, Sparsify, merge_task_vectors, merge_tensor
-    from .options import MergeOptions, SearchOptions
+    from .distillation import distill
+    from .interference import MergeabilityReport, mergeability
+    from .options import DistillOptions, MergeOptions, SearchOptions
     from .plan import MergePlan
     from .recipe import HeadMode, MergeRecipe, ModelSpec, load_recipe
     from .search import TrialResult, read_results, run_search

@@ -23,7 +23,7 @@ from ..exceptions import DataError
 from ..labels import Head
 
 __all__ = ["Example", "load_examples", "check_examples", "metrics", "HeadReport", "EvalReport",
-           "evaluate", "comparison_table", "render_comparison"]
+           "evaluate", "comparison_table", "render_comparison", "collapse_warnings"]
 
 logger = logging.getLogger("guardmerge.evaluate")
 
@@ -233,6 +233,42 @@ def evaluate(classifier: Any, examples: Sequence[Example], *, model: str = "",
                                      preds, heads)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _top_prediction(report: HeadReport) -> tuple[str, float]:
+    """The label a head predicts most often and the share of texts it predicts it for."""
+    counts = [sum(row[j] for row in report.confusion) for j in range(len(report.labels))]
+    j = max(range(len(counts)), key=counts.__getitem__)
+    return report.labels[j], counts[j] / report.n if report.n else 0.0
+
+
+def collapse_warnings(merged: EvalReport, originals: Mapping[str, EvalReport] | None = None, *,
+                      share: float = 0.95) -> list[str]:
+    """A warning per head that predicts one label for at least ``share`` of its texts where its
+    source model did not (without a source: where the true labels are not that skewed): the
+    head has collapsed, as plain merges of full fine-tunes often make it."""
+    out = []
+    for head, rep in merged.heads.items():
+        label, got = _top_prediction(rep)
+        if got < share:
+            continue
+        src = (originals or {}).get(head)
+        src_head = src.heads.get(head) if src is not None else None
+        if src_head is not None:
+            ref_label, ref = _top_prediction(src_head)
+            if ref >= share:
+                continue
+            base = f"its source predicts {ref_label!r} for at most {ref:.0%}"
+        else:
+            truth = max(sum(row) for row in rep.confusion) / rep.n if rep.n else 1.0
+            if truth >= share:
+                continue
+            base = f"the data's most common label covers {truth:.0%}"
+        out.append(f"head {head!r} predicts {label!r} for {got:.0%} of its {rep.n} texts, where "
+                   f"{base}: the merged head has collapsed (try head_mode: refit, or distil)")
+    for w in out:
+        logger.warning("%s", w)
+    return out
 
 
 def comparison_table(merged: EvalReport, originals: Mapping[str, EvalReport]) -> list[dict[str, Any]]:

@@ -105,18 +105,37 @@ def write_search_report(out: Path, recipe: Any, options: Any, results: Sequence[
              f"{len(recipe.models)} model(s){' (self-merge)' if recipe.self_merge else ''}",
              f"- trials: {options.trials}, densities ~ Beta({options.beta[0]}, {options.beta[1]})"
              f"{', shared' if options.shared_density else ', per model'}; objective `{options.objective}`"]
+    lines.append(f"- head mode `{recipe.head_mode.value}`: " + {
+        "merge": "the HM3-padded head rows go through the merge method",
+        "owner": "each head's rows copied from its source",
+        "refit": (f"each head re-fitted to its source's outputs on {recipe.refit.texts} "
+                  f"calibration texts (temperature {recipe.refit.temperature:g}, pull "
+                  f"{recipe.refit.pull:g})")}[recipe.head_mode.value])
+    cal = recipe.calibration
+    if cal is not None:
+        lines.append(f"- calibration: {', '.join(f'`{t}`' for t in cal.texts)}"
+                     f"{f', at most {cal.limit} texts' if cal.limit else ''}, {cal.max_length} "
+                     f"tokens per text, RegMean statistics on {cal.per_source} texts per source")
+    varied = [f"method over {', '.join(options.methods)}" if options.methods else "",
+              f"lambda ~ U{options.lambda_range}" if options.lambda_range else "",
+              f"alpha ~ U{options.alpha_range}" if options.alpha_range else ""]
+    if any(varied):
+        lines.append(f"- varied per trial: {'; '.join(v for v in varied if v)}")
     if screened:
         lines.append(f"- screening: every trial scored on {options.screen} examples first; the "
                      f"{len(final)} best went on to every example (only those are ranked below)")
-    lines += [f"- best: trial {best.trial}, score {best.score:.4f}, densities "
+    lines += [f"- best: trial {best.trial}, score {best.score:.4f}, method `{best.method}`, "
+              f"lambda {best.lam:g}, alpha {best.alpha:g}, densities "
               f"{', '.join(f'{d:.3f}' for d in best.densities)}, merge seed {best.seed}", "",
               "## Original vs best merge (macro-F1 per head)", "", "```",
               render_comparison(comparison_table(merged, originals)), "```", ""]
     top = sorted(final, key=lambda r: (-r.score, r.trial))[:10]
-    lines += ["## Top trials", "", "| trial | score | densities | " +
-              " | ".join(sorted(best.heads)) + " |", "|---|---|---|" + "---|" * len(best.heads)]
+    lines += ["## Top trials", "", "| trial | score | method | lambda | alpha | densities | " +
+              " | ".join(sorted(best.heads)) + " |", "|---|---|---|---|---|---|" +
+              "---|" * len(best.heads)]
     for r in top:
-        lines.append(f"| {r.trial} | {r.score:.4f} | {', '.join(f'{d:.3f}' for d in r.densities)} | "
+        lines.append(f"| {r.trial} | {r.score:.4f} | {r.method} | {r.lam:g} | {r.alpha:g} | "
+                     f"{', '.join(f'{d:.3f}' for d in r.densities)} | "
                      + " | ".join(f"{r.heads[h]:.4f}" for h in sorted(best.heads)) + " |")
     lines.append("")
     if have_matplotlib():

@@ -38,12 +38,14 @@ from .._progress import format_seconds, progress
 from ..exceptions import ConfigError
 from .evaluation import (EvalReport, Example, evaluate, load_examples, predicted_label,
                        report_from_predictions)
+from .fitting import refit_heads
 from .heads import merge_head_rows
 from .methods import get_method, merge_task_vectors, merge_tensor
 from .options import SearchOptions
-from .recipe import MergeRecipe, load_recipe
+from .recipe import HeadMode, MergeRecipe, load_recipe
+from .regmean import regmean
 
-__all__ = ["SearchOptions", "TrialResult", "run_search", "trial_densities", "TrialContext",
+__all__ = ["SearchOptions", "TrialResult", "TrialParams", "run_search", "trial_params", "TrialContext",
            "run_trial", "read_results", "screen_subset", "evaluate_sources"]
 
 logger = logging.getLogger("guardmerge.search")
@@ -97,6 +99,8 @@ class TrialResult:
     seconds: float
     method: str = ""
     stage: str = "full"              # "screen": scored on the screening subset only
+    lam: float = 1.0
+    alpha: float = 0.9
     report: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> str:
@@ -105,15 +109,39 @@ class TrialResult:
         return json.dumps(data, sort_keys=True)
 
 
-def trial_densities(options: SearchOptions, trial: int, n_models: int) -> tuple[list[float], int]:
-    """(densities, merge seed) of a trial: a function of (search seed, trial number) only."""
+@dataclass(frozen=True)
+class TrialParams:
+    """What a trial merges with: a function of (search seed, trial number) only."""
+
+    densities: list[float]
+    seed: int
+    method: str
+    lam: float
+    alpha: float
+
+
+def trial_params(options: SearchOptions, trial: int, recipe: MergeRecipe) -> TrialParams:
+    """Densities ~ Beta(a, b) (per model or shared) and the merge seed, then, where the options
+    vary them, the method (uniform over ``methods``), lambda and alpha (uniform over their
+    ranges); otherwise the recipe's. Drawn in that order from one generator seeded by
+    (search seed, trial), so a trial is the same trial in any search that shares the options."""
+    n_models = len(recipe.models)
     rng = np.random.default_rng([options.seed, trial])
     a, b = options.beta
     draws = rng.beta(a, b, size=1 if options.shared_density else n_models)
     if options.shared_density:
         draws = np.repeat(draws, n_models)
     densities = [float(min(1.0, max(options.min_density, round(float(d), 6)))) for d in draws]
-    return densities, int(rng.integers(0, 2**31 - 1))
+    seed = int(rng.integers(0, 2**31 - 1))
+    method = recipe.method
+    if options.methods:
+        method = options.methods[int(rng.integers(0, len(options.methods)))]
+    lam, alpha = recipe.lam, recipe.alpha
+    if options.lambda_range:
+        lam = round(float(rng.uniform(*options.lambda_range)), 6)
+    if options.alpha_range:
+        alpha = round(float(rng.uniform(*options.alpha_range)), 6)
+    return TrialParams(densities, seed, method, lam, alpha)
 
 
 def objective(options: SearchOptions, report: EvalReport) -> float:
@@ -131,13 +159,16 @@ def objective(options: SearchOptions, report: EvalReport) -> float:
 
 class TrialContext:
     """Everything a trial needs, built once per process: base and task vectors in memory, a model
-    whose weights each trial overwrites, and the evaluation texts tokenised once."""
+    whose weights each trial overwrites, the evaluation texts tokenised once, and (when a trial
+    may need them) the RegMean statistics and the re-fit targets of the calibration texts."""
 
     def __init__(self, recipe: MergeRecipe, examples: Sequence[Example], *, dtype: str = "float32",
-                 batch_size: int = 16, screen: Sequence[int] = ()) -> None:
+                 batch_size: int = 16, screen: Sequence[int] = (),
+                 methods: Sequence[str] = (), progress: bool = False) -> None:
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         from ..classifier import BundleClassifier, resolve_dtype
+        from .fitting import calibration_for, refit_targets, regmean_statistics
         from .plan import MergePlan
 
         self.recipe = recipe
@@ -146,6 +177,7 @@ class TrialContext:
             self.heads = plan.heads
             self.names = plan.names
             self.specs = plan.specs
+            self.head_mode = recipe.head_mode
             self.base: dict[str, torch.Tensor] = {}
             self.deltas: dict[str, list[torch.Tensor]] = {}
             self.head_rows: dict[str, list[torch.Tensor]] = {}
@@ -160,9 +192,21 @@ class TrialContext:
                     self.base[name] = b
                     self.deltas[name] = [plan.source_tensor(i, name).float().sub_(b)
                                          for i in range(len(plan.sources))]
+            self.weights = plan.weights
+            # data-aware trials: RegMean's statistics in memory, the re-fit's targets once
+            self.grams: dict[str, list[torch.Tensor]] = {}
+            self.refit = None
+            tried = set(methods) | {recipe.method}
+            data_aware = any(get_method(m).data_aware for m in tried)
+            if data_aware or recipe.head_mode is HeadMode.REFIT:
+                calibration = calibration_for(plan)
+                if data_aware:
+                    stats = regmean_statistics(plan, calibration, progress=progress)
+                    self.grams = {m: [st.gram(m) for st in stats] for m in stats[0].modules}
+                if recipe.head_mode is HeadMode.REFIT:
+                    self.refit = refit_targets(plan, calibration, progress=progress)
             config = AutoConfig.for_model(**plan.config())
             folder = plan.sources[0].folder
-            self.weights = plan.weights
         finally:
             plan.close()
         model = AutoModelForSequenceClassification.from_config(config, dtype=resolve_dtype(dtype))
@@ -171,8 +215,8 @@ class TrialContext:
         missing = [n for n in self.names if n not in self.params]
         if missing:
             raise ConfigError(f"merged tensor names do not match the model: {missing[:5]}")
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-        self.runtime = BundleClassifier(model, tokenizer, self.heads, batch_size=batch_size)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        self.runtime = BundleClassifier(model, self.tokenizer, self.heads, batch_size=batch_size)
         self.examples = list(examples)
         texts = sorted({e.text for e in self.examples})
         position = {t: i for i, t in enumerate(texts)}
@@ -184,28 +228,50 @@ class TrialContext:
             self.sets["screen"] = _EvalSet(subset, {t: i for i, t in enumerate(sub_texts)},
                                            full.prepared.select([position[t] for t in sub_texts]))
 
-    def load(self, method: str, densities: Sequence[float], seed: int) -> None:
-        """Merge in memory (the same kernels as a disk merge) into the model's weights."""
-        r = self.recipe
+    def _regmean(self, name: str, alpha: float) -> torch.Tensor | None:
+        module = name[:-len(".weight")] if name.endswith(".weight") else None
+        if module not in self.grams:
+            return None
+        if name in self.head_rows:
+            if self.head_mode is not HeadMode.MERGE:
+                return None
+            weights = self.head_rows[name]
+        else:
+            weights = [self.base[name] + d for d in self.deltas[name]]
+        return regmean(weights, self.grams[module], alpha=alpha, scales=self.weights)
+
+    def _merged(self, name: str, params: TrialParams) -> torch.Tensor:
+        """Tensor ``name`` of the trial's merge (the same kernels as a disk merge)."""
+        method = get_method(params.method)
+        solved = self._regmean(name, params.alpha) if method.data_aware else None
+        if solved is not None:
+            return solved
+        if name in self.fixed:
+            return self.fixed[name]
+        if name in self.head_rows:
+            return merge_head_rows(self.recipe.head_mode, method, self.head_rows[name],
+                                   self.weights, params.densities, lam=params.lam,
+                                   seed=params.seed, name=name)
+        if not method.uses_base:
+            b = self.base[name]
+            return merge_tensor(method, None, [b + d for d in self.deltas[name]], self.weights,
+                                params.densities)
+        return merge_task_vectors(method, self.base[name], self.deltas[name], self.weights,
+                                  params.densities, lam=params.lam, seed=params.seed, name=name)
+
+    def load(self, params: TrialParams) -> None:
+        """Merge in memory into the model's weights, then re-fit the heads if the recipe's head
+        mode says so."""
         with torch.no_grad():
             for name in self.names:
-                if name in self.fixed:
-                    merged = self.fixed[name]
-                elif name in self.head_rows:
-                    merged = merge_head_rows(r.head_mode, method, self.head_rows[name],
-                                             self.weights, densities, lam=r.lam, seed=seed,
-                                             name=name)
-                elif not get_method(method).uses_base:
-                    b = self.base[name]
-                    merged = merge_tensor(method, None, [b + d for d in self.deltas[name]],
-                                          self.weights, densities)
-                else:
-                    merged = merge_task_vectors(method, self.base[name], self.deltas[name],
-                                                self.weights, densities, lam=r.lam, seed=seed,
-                                                name=name)
                 # the bundle stores recipe.dtype; round through it so trial == saved bundle
-                merged = merged.to(self.specs[name].dtype)
+                merged = self._merged(name, params).to(self.specs[name].dtype)
                 self.params[name].copy_(merged.view(self.params[name].shape))
+            if self.refit is not None:
+                tensors, _ = refit_heads(self.runtime.model, self.tokenizer, self.refit)
+                for name, t in tensors.items():
+                    self.params[name].copy_(t.to(self.specs[name].dtype).view(
+                        self.params[name].shape))
 
     def evaluate(self, stage: str = "full") -> EvalReport:
         """The loaded candidate on every example (``full``) or the screening subset."""
@@ -221,11 +287,11 @@ _CONTEXT: TrialContext | None = None
 
 
 def _init_worker(recipe: Mapping[str, Any], examples: list[Example], dtype: str, batch_size: int,
-                 threads: int, screen: Sequence[int] = ()) -> None:
+                 threads: int, screen: Sequence[int] = (), methods: Sequence[str] = ()) -> None:
     global _CONTEXT
     torch.set_num_threads(max(1, threads))
     _CONTEXT = TrialContext(MergeRecipe.from_dict(dict(recipe)), examples, dtype=dtype,
-                            batch_size=batch_size, screen=screen)
+                            batch_size=batch_size, screen=screen, methods=methods)
 
 
 def run_trial(options: SearchOptions, trial: int, context: TrialContext | None = None, *,
@@ -236,15 +302,15 @@ def run_trial(options: SearchOptions, trial: int, context: TrialContext | None =
     if ctx is None:
         raise RuntimeError("run_trial needs a TrialContext (or a worker initialised with one)")
     start = time.perf_counter()
-    densities, seed = trial_densities(options, trial, len(ctx.recipe.models))
-    ctx.load(ctx.recipe.method, densities, seed)
+    params = trial_params(options, trial, ctx.recipe)
+    ctx.load(params)
     report = ctx.evaluate(stage)
-    return TrialResult(trial=trial, seed=seed, densities=densities,
+    return TrialResult(trial=trial, seed=params.seed, densities=params.densities,
                        score=objective(options, report),
                        heads={h: r.macro_f1 for h, r in report.heads.items()},
                        accuracy={h: r.accuracy for h, r in report.heads.items()},
-                       seconds=time.perf_counter() - start, method=ctx.recipe.method,
-                       stage=stage, report=report.to_dict())
+                       seconds=time.perf_counter() - start, method=params.method,
+                       stage=stage, lam=params.lam, alpha=params.alpha, report=report.to_dict())
 
 
 def _pool_trial(args: tuple[SearchOptions, int, str]) -> TrialResult:
@@ -382,7 +448,8 @@ class _Search:
         if opts.workers <= 1:
             if self._context is None:
                 self._context = TrialContext(self.recipe, self.examples, dtype=opts.dtype,
-                                             batch_size=opts.batch_size, screen=self.screen)
+                                             batch_size=opts.batch_size, screen=self.screen,
+                                             methods=opts.methods, progress=opts.progress)
             for t in trials:
                 self.record(run_trial(opts, t, self._context, stage=stage), bar)
             return
@@ -391,7 +458,7 @@ class _Search:
             self._pool = multiprocessing.get_context("spawn").Pool(
                 opts.workers, initializer=_init_worker,
                 initargs=(self.recipe.to_dict(), self.examples, opts.dtype, opts.batch_size,
-                          threads, self.screen))
+                          threads, self.screen, opts.methods))
         for r in self._pool.imap_unordered(_pool_trial, [(opts, t, stage) for t in trials]):
             self.record(r, bar)
 
@@ -441,9 +508,10 @@ def run_search(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str],
         summary["screen"] = {"examples": len(search.screen), "of": len(examples),
                              "finalists": sorted(r.trial for r in results if r.stage == "full")}
     summary["best"] = {"trial": best.trial, "score": best.score, "densities": best.densities,
-                       "seed": best.seed, "heads": best.heads}
-    best_recipe = MergeRecipe.from_dict({**recipe.to_dict(), "seed": best.seed}).with_densities(
-        best.densities)
+                       "seed": best.seed, "method": best.method, "lambda": best.lam,
+                       "alpha": best.alpha, "heads": best.heads}
+    best_recipe = replace(recipe, seed=best.seed, method=best.method, lam=best.lam,
+                          alpha=best.alpha).with_densities(best.densities)
     if opts.save_best:
         from .write import merge
 

@@ -203,7 +203,7 @@ def search(*, texts: int = 1000, words: int = 40, trials: int = 3, layers: int =
     from .merge_bench import build_inputs
     from ..merge.evaluation import Example
     from ..merge.recipe import MergeRecipe
-    from ..merge.search import SearchOptions, TrialContext, screen_subset, trial_densities
+    from ..merge.search import SearchOptions, TrialContext, screen_subset, trial_params
     from ..testing import bert_base_vocab, random_text
 
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="guardmerge-bench-"))
@@ -238,9 +238,9 @@ def search(*, texts: int = 1000, words: int = 40, trials: int = 3, layers: int =
             merge_t: list[float] = []
             eval_t: dict[str, list[float]] = {stage: [] for stage in ctx.sets}
             for k in range(trials):
-                densities, seed = trial_densities(spec, k, 2)
+                params = trial_params(spec, k, recipe)
                 t0 = time.perf_counter()
-                ctx.load(recipe.method, densities, seed)
+                ctx.load(params)
                 merge_t.append(time.perf_counter() - t0)
                 for stage in ctx.sets:
                     t1 = time.perf_counter()

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,8 +26,8 @@ from .._progress import progress as progress_bar
 from ..bundle import save_tokenizer
 from . import datasets as ds
 
-__all__ = ["HeadData", "head_datasets", "finetune", "build_guards", "task_vector_norms",
-           "HEAD_LABELS"]
+__all__ = ["HeadData", "head_datasets", "finetune", "build_guards", "extra_unlabelled_texts",
+           "HEAD_LABELS", "PLAIN_CANDIDATES", "CALIBRATED_CANDIDATES"]
 
 HEAD_LABELS = {"jailbreak": ["benign", "jailbreak"],
                "toxicity": ["normal", "offensive", "hateful"],
@@ -177,25 +178,6 @@ def finetune(base: Path, train: Sequence[tuple[str, str]], labels: Sequence[str]
     return {**info, "cached": False}
 
 
-def task_vector_norms(base: Path, sources: Sequence[Path]) -> list[float]:
-    """L2 norm of each source's task vector over the encoder (output layers excluded)."""
-    from ..merge import MergePlan
-
-    plan = MergePlan({"base": str(base), "method": "task_arithmetic",
-                      "models": [{"model": str(s)} for s in sources]})
-    try:
-        totals = [0.0] * len(sources)
-        for name in plan.names:
-            if name in plan.head_tensors or not plan.specs[name].dtype.is_floating_point:
-                continue
-            b = plan.base_tensor(name)
-            for i in range(len(plan.sources)):
-                totals[i] += float((plan.source_tensor(i, name).float() - b).pow(2).sum())
-    finally:
-        plan.close()
-    return [math.sqrt(t) for t in totals]
-
-
 def _write_jsonl(path: Path, heads: dict[str, HeadData], split: str) -> Path:
     rows = [{"text": t, "head": h.name, "label": lab} for h in heads.values()
             for t, lab in getattr(h, split)]
@@ -204,15 +186,38 @@ def _write_jsonl(path: Path, heads: dict[str, HeadData], split: str) -> Path:
     return path
 
 
+PLAIN_CANDIDATES: dict[str, dict[str, Any]] = {
+    # the paper's HM3 merges: the encoder merged, the heads merged or copied from their owner
+    "task arithmetic (owner heads)": {"method": "task_arithmetic", "head_mode": "owner"},
+    "ties 0.5 (owner heads)": {"method": "ties", "head_mode": "owner",
+                               "parameters": {"density": 0.5}},
+    "dare_ties 0.5": {"method": "dare_ties", "head_mode": "merge", "parameters": {"density": 0.5}},
+}
+CALIBRATED_CANDIDATES: dict[str, dict[str, Any]] = {
+    # training-free, on unlabelled calibration texts (the training split, labels unused)
+    "ties 0.5 + refit": {"method": "ties", "head_mode": "refit", "parameters": {"density": 0.5}},
+    "regmean 0.9 + refit": {"method": "regmean", "head_mode": "refit",
+                            "parameters": {"alpha": 0.9}},
+}
+
+
 def build_guards(out: str | Path = ".guardmerge-cache/guards", *, scale: float = 1.0,
                  base: Path | None = None, heads: dict[str, HeadData] | None = None,
-                 epochs: dict[str, int] | None = None, search_trials: int = 12,
-                 progress: bool = True, log: Callable[[str], None] = print,
-                 max_length: int = 128) -> dict[str, Any]:
-    """The whole pipeline; returns a summary (also written to ``out/summary.json``)."""
+                 epochs: dict[str, int] | None = None, search_trials: int = 0,
+                 distill_epochs: int = 2, distill_lr: float = 2e-5, refit_texts: int = 4000,
+                 extra_texts: Sequence[str] = (), progress: bool = True,
+                 log: Callable[[str], None] = print, max_length: int = 128) -> dict[str, Any]:
+    """The whole pipeline; returns a summary (also written to ``out/summary.json``).
+
+    Candidates, each chosen or not on the validation split only: plain HM3 merges, re-fit,
+    RegMean + re-fit, then a distillation of the best training-free candidate (unlabelled:
+    the training texts plus ``extra_texts``), and with ``search_trials`` a DARE-TIES density
+    search. Every candidate's table on the test split and its build time go to
+    ``comparison.md``.
+    """
     from ..classifier import BundleClassifier
-    from ..merge import (SearchOptions, comparison_table, evaluate, load_examples, merge,
-                         render_comparison, run_search)
+    from ..merge import (DistillOptions, SearchOptions, comparison_table, distill, evaluate,
+                         load_examples, merge, render_comparison, run_search)
 
     out = Path(out)
     summary_path = out / "summary.json"
@@ -222,9 +227,13 @@ def build_guards(out: str | Path = ".guardmerge-cache/guards", *, scale: float =
     data_dir = out / "data"
     files = {split: _write_jsonl(data_dir / f"{split}.jsonl", heads, split)
              for split in ("train", "val", "test")}
+    extra = _write_texts(data_dir / "extra.jsonl", extra_texts)
+    settings = {"trials": search_trials, "distill": [distill_epochs, distill_lr],
+                "refit_texts": refit_texts, "extra": len(extra_texts), "max_length": max_length,
+                "plain": PLAIN_CANDIDATES, "calibrated": CALIBRATED_CANDIDATES}
     fingerprint = _key({"base": str(base), "data": [h.counts() for h in heads.values()],
                         "test": (data_dir / "test.jsonl").read_text()[:100000],
-                        "epochs": epochs, "trials": search_trials})
+                        "epochs": epochs, **settings})
     if summary_path.exists():
         old = json.loads(summary_path.read_text())
         if old.get("fingerprint") == fingerprint and Path(old.get("bundle", "")).exists():
@@ -243,57 +252,52 @@ def build_guards(out: str | Path = ".guardmerge-cache/guards", *, scale: float =
             f"{info['seconds']:.0f}s{' (cached)' if info['cached'] else ''}")
 
     models = [{"model": str(sources[n]), "head": n} for n in heads]
-    # task vectors differ in size by an order of magnitude (epochs, data); "balanced" weights
-    # scale each to the mean norm so one task does not drown the others
-    norms = task_vector_norms(base, [sources[n] for n in heads])
-    mean_norm = sum(norms) / len(norms)
-    balanced = [{**m, "weight": round(mean_norm / nrm, 4)} for m, nrm in zip(models, norms)]
-    summary["task_vector_norms"] = dict(zip(heads, norms))
-    log("task-vector norms: " + ", ".join(f"{n} {v:.1f}" for n, v in zip(heads, norms)))
     val = load_examples([files["val"]])
     test = load_examples([files["test"]])
-    candidates: dict[str, dict[str, Any]] = {
-        "soup": {"method": "linear", "head_mode": "merge"},
-        "soup (owner heads)": {"method": "linear", "head_mode": "owner"},
-        "ties 0.5": {"method": "ties", "head_mode": "merge", "parameters": {"density": 0.5}},
-        "ties 0.5 (owner heads)": {"method": "ties", "head_mode": "owner", "parameters": {"density": 0.5}},
-        "dare_ties 0.5": {"method": "dare_ties", "head_mode": "merge", "parameters": {"density": 0.5}},
-        "dare_ties 0.5 (owner heads)": {"method": "dare_ties", "head_mode": "owner",
-                                        "parameters": {"density": 0.5}},
-        "ties 0.3, lambda 2, balanced": {"method": "ties", "head_mode": "merge",
-                                         "parameters": {"density": 0.3, "lambda": 2.0},
-                                         "models": balanced},
-        "dare_ties 0.3, lambda 2, balanced": {"method": "dare_ties", "head_mode": "merge",
-                                              "parameters": {"density": 0.3, "lambda": 2.0},
-                                              "models": balanced},
-    }
+    cache = out / "cache"
+    calibration = {"texts": [str(files["train"])], "max_length": max_length, "per_source": 300,
+                   "cache": str(cache)}
     val_scores: dict[str, float] = {}
     bundles: dict[str, Path] = {}
-    for label, cfg in candidates.items():
+    build_s: dict[str, float] = {}
+
+    def candidate(label: str, make: Callable[[Path], Path]) -> None:
+        path = out / "bundles" / re.sub(r"[^A-Za-z0-9_.+-]+", "_", label).strip("_")
+        t0 = time.perf_counter()
+        bundles[label] = make(path)
+        build_s[label] = time.perf_counter() - t0
+        val_scores[label] = evaluate(BundleClassifier.from_pretrained(bundles[label], dtype="auto"),
+                                     val).mean_macro_f1
+        log(f"{label:<34} validation mean macro-F1 {val_scores[label]:.4f}  "
+            f"(built in {build_s[label]:.0f}s)")
+
+    for label, cfg in {**PLAIN_CANDIDATES, **CALIBRATED_CANDIDATES}.items():
         recipe = {"base": str(base), "seed": 0, "models": models, **cfg}
-        path = out / "bundles" / label.replace(" ", "_").replace("(", "").replace(")", "")
-        bundles[label] = merge(recipe, path, overwrite=True, progress=progress)
-        clf = BundleClassifier.from_pretrained(path, dtype="auto")
-        val_scores[label] = evaluate(clf, val).mean_macro_f1
-        log(f"merged {label:<28} validation mean macro-F1 {val_scores[label]:.4f}")
+        if cfg["head_mode"] == "refit" or cfg["method"] == "regmean":
+            recipe.update(calibration=calibration, refit={"texts": refit_texts})
+        candidate(label, lambda path, r=recipe: merge(r, path, overwrite=True, progress=progress))
+    if distill_epochs:
+        start = max(CALIBRATED_CANDIDATES, key=lambda k: val_scores[k])
+        texts = [str(files["train"])] + ([str(extra)] if extra else [])
+        options = DistillOptions(epochs=distill_epochs, lr=distill_lr, max_length=max_length,
+                                 cache=str(cache), overwrite=True, progress=progress)
+        candidate(f"{start} + distill ({distill_epochs} epochs)",
+                  lambda path: distill(bundles[start], texts, path, options))
     if search_trials:
-        # search the densities of the best configuration so far (on validation data only)
-        lead = max(val_scores, key=lambda k: val_scores[k])
-        cfg = candidates[lead]
-        search_recipe = {"base": str(base), "method": "dare_ties", "head_mode": cfg["head_mode"],
-                         "parameters": {"lambda": cfg.get("parameters", {}).get("lambda", 1.0)},
-                         "models": [{k: v for k, v in m.items() if k != "density"}
-                                    for m in cfg.get("models", models)]}
+        # the densities of a DARE-TIES merge with owner heads (on validation data only)
+        search_recipe = {"base": str(base), "method": "dare_ties", "head_mode": "owner",
+                         "models": models}
         search_dir = out / "search" / _key(search_recipe)[:12]
         options = SearchOptions(trials=search_trials, seed=0, beta=(2.0, 5.0), dtype="auto",
                                 resume=(search_dir / "trials.jsonl").exists(),
                                 progress=progress, compare_sources=False, report=True)
+        t0 = time.perf_counter()
         res = run_search(search_recipe, [files["val"]], search_dir, options)
         label = f"dare_ties search ({search_trials} trials)"
         bundles[label] = Path(res["best_bundle"])
+        build_s[label] = time.perf_counter() - t0
         val_scores[label] = res["best"]["score"]
-        log(f"merged {label:<28} validation mean macro-F1 {val_scores[label]:.4f} "
-            f"(densities {', '.join(f'{d:.2f}' for d in res['best']['densities'])})")
+        log(f"{label:<34} validation mean macro-F1 {val_scores[label]:.4f}")
     chosen = max(val_scores, key=lambda k: val_scores[k])
     # the comparison on the held-out test split
     originals = {}
@@ -321,13 +325,16 @@ def build_guards(out: str | Path = ".guardmerge-cache/guards", *, scale: float =
     with atomic_directory(final, overwrite=True) as tmp:
         shutil.copytree(bundles[chosen], tmp, dirs_exist_ok=True)
     summary.update({"bundle": str(final), "chosen": chosen, "validation": val_scores,
-                    "tables": tables, "timing": {"texts": len(texts), "separate_s": separate_s,
-                                                 "merged_s": merged_s,
-                                                 "ratio": merged_s / separate_s},
+                    "build_seconds": build_s, "bundles": {k: str(v) for k, v in bundles.items()},
+                    "tables": tables,
+                    "timing": {"texts": len(texts), "separate_s": separate_s,
+                               "merged_s": merged_s, "ratio": merged_s / separate_s},
                     "test_file": str(files["test"])})
     lines = []
     for label, rows in tables.items():
         lines.append(f"## {label}{'  <- chosen on validation' if label == chosen else ''}")
+        lines.append(f"built in {build_s[label]:.0f}s; validation mean macro-F1 "
+                     f"{val_scores[label]:.4f}")
         lines.append(render_comparison(rows))
         lines.append("")
     lines.append(f"inference on {len(texts)} test texts: 3 separate models {separate_s:.1f}s, "
@@ -336,3 +343,23 @@ def build_guards(out: str | Path = ".guardmerge-cache/guards", *, scale: float =
     summary_path.write_text(json.dumps(summary, indent=2))
     log("\n".join(lines))
     return summary
+
+
+def _write_texts(path: Path, texts: Sequence[str]) -> Path | None:
+    if not texts:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def extra_unlabelled_texts(heads: dict[str, HeadData], limit: int) -> list[str]:
+    """In-domain text no head was trained, validated or tested on: Rotten Tomatoes snippets
+    that the hash split puts in the training split but that no head's data used (labels
+    dropped). A larger transfer set for distillation; never a validation or test text."""
+    used = {t for h in heads.values() for split in (h.train, h.val, h.test) for t, _ in split}
+    held_out = "\x00".join(t for h in heads.values() for split in (h.val, h.test) for t, _ in split)
+    spare = [r.text for r in ds.rotten_tomatoes() if ds.split_of(r.text) == "train"
+             and r.text not in used and r.text not in held_out]  # nor inside a wrapped prompt
+    spare.sort(key=lambda t: hashlib.sha256(t.encode("utf-8")).digest())
+    return spare[:limit]

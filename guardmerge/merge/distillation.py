@@ -27,63 +27,20 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .._atomic import atomic_directory
-from .._options import option
 from .._progress import progress as progress_bar
 from ..bundle import (copy_tokenizer, hash_files, inspect_bundle, resolve_model_dir, weight_files,
                       write_manifest)
-from ..classifier import DType, dtype_name, resolve_dtype
+from ..classifier import resolve_dtype
 from ..exceptions import ConfigError, MergeError
 from ..labels import Head
 from .activations import batches, load_model
 from .calibration import load_calibration
+from .options import DistillOptions
 from .statistics import cache_dir, teacher_logits
 
-__all__ = ["DistillOptions", "distill", "teachers_for"]
+__all__ = ["distill", "teachers_for"]
 
 logger = logging.getLogger("guardmerge.merge")
-
-
-@dataclass(frozen=True)
-class DistillOptions:
-    """How ``distill()`` / ``guardmerge distill`` trains."""
-
-    epochs: int = option(1, "passes over the texts")
-    steps: int | None = option(None, "stop after this many optimiser steps (default: all "
-                               "epochs)")
-    lr: float = option(5e-5, "peak learning rate (AdamW; linear warm-up, then linear decay)")
-    warmup: float = option(0.06, "fraction of the steps spent warming up the learning rate")
-    weight_decay: float = option(0.01, "AdamW weight decay")
-    batch_size: int = option(32, "texts per optimiser step")
-    max_length: int = option(128, "tokens per text (longer texts are cut)")
-    temperature: float = option(1.0, "distillation temperature T")
-    limit: int | None = option(None, "use at most this many texts (a hash-spread sample; "
-                               "default: all)")
-    seed: int = option(0, "shuffling seed")
-    dtype: DType = option("auto", "compute dtype: bfloat16 autocast (auto: where the CPU has "
-                          "native bf16) or float32; weights stay float32", parse=dtype_name)
-    cache: str | None = option(None, "cache folder for teacher outputs (default: "
-                               "$GUARDMERGE_CACHE or ~/.cache/guardmerge)")
-    overwrite: bool = option(False, "replace an existing output folder")
-    progress: bool = option(True, "a progress bar on stderr (only on a terminal)",
-                            negative_help="no progress bar")
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"steps: must be >= 1, got {self.steps}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit: must be >= 1, got {self.limit}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr: must be a positive number, got {self.lr}")
-        if not 0 <= self.warmup < 1:
-            raise ConfigError(f"warmup: must be in [0, 1), got {self.warmup}")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
-        if self.max_length < 3:
-            raise ConfigError(f"max_length: must be >= 3, got {self.max_length}")
-        object.__setattr__(self, "dtype", dtype_name(self.dtype))
 
 
 @dataclass

@@ -1,0 +1,348 @@
+"""Merge quality: calibration texts, RegMean, head re-fit, distillation, the mergeability report
+and the collapse warning, on tiny models built here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from guardmerge import DataError, RecipeError
+from guardmerge.cli import main
+from guardmerge.merge import (EvalReport, HeadReport, MergeRecipe, collapse_warnings, distill,
+                              merge, mergeability, metrics)
+from guardmerge.merge.activations import load_model, logits
+from guardmerge.merge.calibration import load_calibration
+from guardmerge.merge.regmean import regmean
+from guardmerge.merge.statistics import gram_statistics
+from guardmerge.testing import (build_base_folder, build_classifier_folder, build_tokenizer,
+                                random_text)
+
+
+# -- RegMean's closed form ------------------------------------------------------------------
+
+
+def _layer(seed: int, n: int, d_in: int = 6, d_out: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g, dtype=torch.float64) @ \
+        torch.randn(d_in, d_in, generator=g, dtype=torch.float64)  # correlated inputs
+    return torch.randn(d_out, d_in, generator=g, dtype=torch.float64), x
+
+
+def test_regmean_equals_a_direct_least_squares_solve():
+    (w1, x1), (w2, x2) = _layer(1, 40), _layer(2, 25)
+    c = [1.0, 2.5]
+    # minimise sum_i c_i / n_i ||X_i W^T - X_i W_i^T||^2 by stacking the scaled rows
+    x = torch.cat([x1 * (c[0] / len(x1)) ** 0.5, x2 * (c[1] / len(x2)) ** 0.5])
+    y = torch.cat([x1 @ w1.T * (c[0] / len(x1)) ** 0.5, x2 @ w2.T * (c[1] / len(x2)) ** 0.5])
+    direct = torch.linalg.lstsq(x, y).solution.T
+    grams = [x1.T @ x1 / len(x1), x2.T @ x2 / len(x2)]  # what the statistics cache holds
+    got = regmean([w1.float(), w2.float()], grams, alpha=1.0, scales=c)
+    assert torch.allclose(got.double(), direct, atol=1e-5)
+
+
+def test_regmean_of_one_source_is_that_source():
+    w, x = _layer(3, 30)
+    for alpha in (1.0, 0.9, 0.2):
+        assert torch.allclose(regmean([w.float()], [x.T @ x], alpha=alpha), w.float(), atol=1e-5)
+
+
+def test_regmean_alpha_towards_zero_is_a_per_input_weighted_mean():
+    (w1, x1), (w2, x2) = _layer(4, 30), _layer(5, 30)
+    g1, g2 = x1.T @ x1, x2.T @ x2
+    d1, d2 = torch.diagonal(g1), torch.diagonal(g2)
+    column_mean = (w1 * d1 + w2 * d2) / (d1 + d2)  # column j weighted by each source's g_jj
+    tiny = regmean([w1.float(), w2.float()], [g1, g2], alpha=1e-9)
+    assert torch.allclose(tiny.double(), column_mean, atol=1e-5)
+    full = regmean([w1.float(), w2.float()], [g1, g2], alpha=1.0)
+    assert not torch.allclose(full.double(), column_mean, atol=1e-3)
+
+
+def test_regmean_keeps_the_mean_where_no_input_was_ever_seen():
+    w1, w2 = torch.randn(2, 3), torch.randn(2, 3)
+    g = torch.eye(3, dtype=torch.float64)
+    g[2, 2] = 0.0  # input 2 was always zero
+    got = regmean([w1, w2], [g, g], alpha=1.0)
+    assert torch.allclose(got[:, 2], (w1[:, 2] + w2[:, 2]) / 2, atol=1e-6)
+    assert torch.isfinite(got).all()
+
+
+# -- a tiny family whose plain merge breaks the heads --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """A base and two fine-tunes far enough apart that owner heads no longer fit the merged
+    encoder (noise 0.3 on every encoder weight), plus unlabelled texts."""
+    d = tmp_path_factory.mktemp("family")
+    tok = build_tokenizer()
+    base, state = build_base_folder(d / "base", tokenizer=tok, seed=0)
+    a = build_classifier_folder(d / "a", ["x", "y"], tokenizer=tok, seed=1, base_state=state,
+                                noise=0.3)
+    b = build_classifier_folder(d / "b", ["p", "q", "r"], tokenizer=tok, seed=2,
+                                base_state=state, noise=0.3)
+    cal = d / "calibration.jsonl"
+    cal.write_text("\n".join(json.dumps({"text": random_text(20, seed=i),
+                                         "head": "a" if i % 3 == 0 else None})
+                             for i in range(300)) + "\n")
+    held = [random_text(20, seed=10_000 + i) for i in range(150)]
+    return {"dir": d, "base": base, "a": a, "b": b, "calibration": cal, "held": held}
+
+
+def _recipe(f, **kw) -> dict:
+    return {"base": str(f["base"]), "method": "task_arithmetic",
+            "models": [{"model": str(f["a"]), "head": "a"}, {"model": str(f["b"]), "head": "b"}],
+            "calibration": {"texts": str(f["calibration"]), "cache": str(f["dir"] / "cache"),
+                            "per_source": 120},
+            "refit": {"texts": 300}, **kw}
+
+
+def _agreement(f, bundle: Path) -> dict[str, float]:
+    """Per head: how often the bundle's head picks the label its source picks (held-out)."""
+    model, tok = load_model(bundle)
+    z = logits(model, tok, f["held"])
+    out = {}
+    for head, src, part in (("a", f["a"], slice(0, 2)), ("b", f["b"], slice(2, 5))):
+        sm, st = load_model(src)
+        out[head] = float((z[:, part].argmax(-1) == logits(sm, st, f["held"]).argmax(-1))
+                          .float().mean())
+    return out
+
+
+def test_refit_recovers_heads_that_a_plain_merge_broke(family, tmp_path):
+    owner = merge(_recipe(family, head_mode="owner"), tmp_path / "owner", progress=False)
+    refit = merge(_recipe(family, head_mode="refit"), tmp_path / "refit", progress=False)
+    broken, fixed = _agreement(family, owner), _agreement(family, refit)
+    assert max(broken.values()) < 0.5          # the owner rows no longer fit
+    assert min(fixed.values()) > 0.8           # re-fitted on unlabelled texts only
+    manifest = json.loads((refit / "guardmerge.json").read_text())
+    cal = load_calibration(family["calibration"], heads=["a", "b"])
+    assert manifest["calibration"]["sha256"] == cal.sha256 and manifest["calibration"]["texts"] == 300
+    assert manifest["refit"]["texts"] == 300 and manifest["recipe"]["head_mode"] == "refit"
+    for h in ("a", "b"):
+        assert manifest["refit"]["heads"][h]["kl_after"] < manifest["refit"]["heads"][h]["kl_before"]
+    # only the output layer changed: the encoder is the plain merge's, byte for byte
+    t_owner, t_refit = load_file(str(owner / "model.safetensors")), load_file(str(refit / "model.safetensors"))
+    changed = sorted(n for n in t_owner if not torch.equal(t_owner[n], t_refit[n]))
+    assert changed == ["classifier.bias", "classifier.weight"]
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256((p / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_regmean_and_refit_merges_are_deterministic_and_use_the_statistics_cache(family, tmp_path,
+                                                                                monkeypatch):
+    r = _recipe(family, method="regmean", head_mode="refit", parameters={"alpha": 0.8})
+    first = merge(r, tmp_path / "one", progress=False)
+    def no_model(*a, **k):
+        raise AssertionError("the statistics were computed again")
+
+    monkeypatch.setattr("guardmerge.merge.activations.load_model", no_model)
+    second = merge(r, tmp_path / "two", progress=False)  # statistics and teachers: cached
+    assert _sha(first) == _sha(second)
+    manifest = json.loads((first / "guardmerge.json").read_text())
+    assert manifest["regmean"] == {"alpha": 0.8, "texts_per_source": [120, 120]}
+
+
+def test_statistics_cache_is_keyed_by_source_and_texts(family, tmp_path, monkeypatch):
+    texts = [random_text(10, seed=i) for i in range(20)]
+    modules = ["bert.encoder.layer.0.attention.self.query", "classifier"]
+    cache = tmp_path / "cache"
+    first = gram_statistics(family["a"], "sha-a", texts, modules, max_length=32, cache=cache)
+    calls = []
+    import guardmerge.merge.activations as activations
+
+    real = activations.linear_grams
+    monkeypatch.setattr(activations, "linear_grams", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = gram_statistics(family["a"], "sha-a", texts, modules, max_length=32, cache=cache)
+    assert calls == [] and again.path == first.path  # a hit
+    for name in modules:
+        assert torch.equal(again.gram(name), first.gram(name))
+    other = gram_statistics(family["a"], "sha-a", texts[:10], modules, max_length=32, cache=cache)
+    changed = gram_statistics(family["a"], "sha-CHANGED", texts, modules, max_length=32, cache=cache)
+    assert calls == [1, 1] and len({first.path, other.path, changed.path}) == 3
+    # the Gram matrix is X^T X / rows of the layer's inputs, non-pad tokens only
+    g = first.gram("bert.encoder.layer.0.attention.self.query")
+    assert g.dtype == torch.float64 and torch.allclose(g, g.T)
+    first.path.write_bytes(b"truncated")  # a damaged cache file is recomputed, not trusted
+    gram_statistics(family["a"], "sha-a", texts, modules, max_length=32, cache=cache)
+    assert calls == [1, 1, 1]
+
+
+def test_recipes_need_calibration_for_regmean_and_refit_and_check_its_keys(tmp_path):
+    base = {"base": "b", "models": [{"model": "m"}]}
+    with pytest.raises(RecipeError) as err:
+        MergeRecipe.from_dict({**base, "method": "regmean", "head_mode": "refit"})
+    assert "method: regmean needs calibration texts" in str(err.value)
+    assert "head_mode: refit needs calibration texts" in str(err.value)
+    with pytest.raises(RecipeError) as err:
+        MergeRecipe.from_dict({**base, "method": "regmean", "parameters": {"alpha": 0},
+                               "calibration": {"texts": "c.jsonl", "limit": 0, "bogus": 1},
+                               "refit": {"pull": -1}})
+    for problem in ("parameters.alpha: expected a number in (0, 1]", "calibration.limit",
+                    "calibration.bogus: unknown key", "refit.pull"):
+        assert problem in str(err.value)
+
+
+def test_calibration_files_jsonl_csv_and_plain_lines(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "alpha", "head": "x", "label": "ignored"}\n'
+                                      '{"text": "beta"}\n\n{"text": "alpha", "head": "y"}\n')
+    (tmp_path / "b.csv").write_text("text,head\ngamma,y\ndelta,\n")
+    (tmp_path / "c.txt").write_text("epsilon\n\nzeta\n")
+    cal = load_calibration([tmp_path / "a.jsonl", tmp_path / "b.csv", tmp_path / "c.txt"],
+                           heads=["x", "y"])
+    rows = dict(zip(cal.texts, cal.heads))
+    assert rows == {"alpha": None, "beta": None, "gamma": "y", "delta": None, "epsilon": None,
+                    "zeta": None}  # "alpha" named by two heads: every source sees it
+    assert cal.for_head(["y"]) == [t for t in cal.texts]
+    assert cal.for_head(["x"]) == [t for t in cal.texts if t != "gamma"]
+    # order by hash, not by file: the same set whatever the file order
+    again = load_calibration([tmp_path / "c.txt", tmp_path / "b.csv", tmp_path / "a.jsonl"],
+                             heads=["x", "y"])
+    assert again.texts == cal.texts and again.sha256 == cal.sha256
+    assert load_calibration([tmp_path / "a.jsonl"], limit=1).size == 1
+    (tmp_path / "bad.jsonl").write_text('{"text": ""}\n{oops\n{"text": "t", "head": "z"}\n')
+    with pytest.raises(DataError) as err:
+        load_calibration([tmp_path / "bad.jsonl", tmp_path / "missing.txt"], heads=["x"])
+    text = str(err.value)
+    for problem in (f"{tmp_path / 'bad.jsonl'}:1: missing or empty text",
+                    f"{tmp_path / 'bad.jsonl'}:2: not valid JSON",
+                    f"{tmp_path / 'bad.jsonl'}:3: unknown head 'z'",
+                    f"{tmp_path / 'missing.txt'}: no such file"):
+        assert problem in text
+
+
+# -- distillation ----------------------------------------------------------------------------
+
+
+def _kl_to_sources(f, bundle: Path, texts: list[str]) -> float:
+    model, tok = load_model(bundle)
+    z = logits(model, tok, texts)
+    total = 0.0
+    for src, part in ((f["a"], slice(0, 2)), (f["b"], slice(2, 5))):
+        sm, st = load_model(src)
+        p = torch.log_softmax(logits(sm, st, texts), -1)
+        q = torch.log_softmax(z[:, part], -1)
+        total += float((p.exp() * (p - q)).sum(-1).mean())
+    return total
+
+
+def test_distillation_lowers_the_kl_to_every_teacher(family, tmp_path):
+    merged = merge(_recipe(family, head_mode="owner"), tmp_path / "merged", progress=False)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(random_text(20, seed=500 + i) for i in range(160)))
+    out = distill(merged, [texts], tmp_path / "distilled", epochs=3, lr=2e-3, batch_size=16,
+                  max_length=32, dtype="float32", cache=str(tmp_path / "cache"), progress=False)
+    before = _kl_to_sources(family, merged, family["held"])
+    after = _kl_to_sources(family, out, family["held"])
+    assert after < 0.5 * before
+    manifest = json.loads((out / "guardmerge.json").read_text())
+    assert manifest["heads"] == json.loads((merged / "guardmerge.json").read_text())["heads"]
+    assert manifest["distillation"]["steps"] == 30 and manifest["distillation"]["texts"]["texts"] == 160
+    assert set(manifest["distillation"]["teachers"]) == {str(family["a"]), str(family["b"])}
+    # the runtime loads it unchanged, still one model for both heads
+    from guardmerge import BundleClassifier
+
+    clf = BundleClassifier.from_pretrained(out)
+    assert [h.name for h in clf.heads] == ["a", "b"]
+    # same options, same texts: the same bundle
+    again = distill(merged, [texts], tmp_path / "again", epochs=3, lr=2e-3, batch_size=16,
+                    max_length=32, dtype="float32", cache=str(tmp_path / "cache"), progress=False)
+    assert _sha(again) == _sha(out)
+
+
+def test_distill_refuses_a_changed_source_and_an_existing_output(family, tmp_path):
+    import shutil
+
+    merged = merge(_recipe(family, head_mode="owner"), tmp_path / "merged", progress=False)
+    texts = tmp_path / "t.txt"
+    texts.write_text("one two\nthree four\n")
+    changed = tmp_path / "changed-a"
+    shutil.copytree(family["a"], changed)
+    manifest = json.loads((merged / "guardmerge.json").read_text())
+    manifest["heads"][0]["source"]["id"] = str(changed)
+    manifest["heads"][0]["source"]["sha256"] = "0" * 64
+    (merged / "guardmerge.json").write_text(json.dumps(manifest))
+    assert main(["distill", str(merged), "--texts", str(texts), "-o", str(tmp_path / "o"),
+                 "--no-progress"]) == 1
+    assert main(["distill", str(merged), "--texts", str(texts), "-o", str(tmp_path / "o"),
+                 "--source", f"a={family['a']}", "--steps", "1", "--max-length", "16",
+                 "--no-progress"]) == 0
+    assert main(["distill", str(merged), "--texts", str(texts), "-o", str(tmp_path / "o"),
+                 "--source", f"a={family['a']}", "--no-progress"]) == 2  # exists
+    assert main(["distill", str(merged), "--texts", str(texts), "-o", str(tmp_path / "p"),
+                 "--source", "nohead=x"]) == 2
+
+
+# -- the mergeability report and the collapse warning ----------------------------------------
+
+
+def test_dry_run_reports_task_vector_figures_and_writes_nothing(family, tmp_path, capsys):
+    r = mergeability(_recipe(family))
+    base = load_file(str(family["base"] / "model.safetensors"))
+    srcs = [load_file(str(family[k] / "model.safetensors")) for k in ("a", "b")]
+    deltas = [{n: s[n].double() - base[n[len("bert."):]].double() for n in s
+               if n.startswith("bert.") and s[n].is_floating_point()} for s in srcs]
+    norms = [sum(float(d.pow(2).sum()) for d in ds.values()) ** 0.5 for ds in deltas]
+    dot = sum(float((deltas[0][n] * deltas[1][n]).sum()) for n in deltas[0])
+    assert r.norms == pytest.approx(norms, rel=1e-5)
+    assert r.cosine[0][1] == pytest.approx(dot / (norms[0] * norms[1]), abs=1e-5)
+    assert r.interference == pytest.approx([norms[1] / norms[0], norms[0] / norms[1]], rel=1e-4)
+    assert all(sum(share.values()) == pytest.approx(1.0) for share in r.layer_share)
+    assert any("head_mode: refit" in w for w in r.warnings)  # equal-sized, independent changes
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps(_recipe(family)))
+    assert main(["merge", str(recipe), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "cosine" in out and "sign conflicts" in out and "warning:" in out
+    assert list(tmp_path.iterdir()) == [recipe]
+    same = mergeability({**_recipe(family), "models": [{"model": str(family["a"]), "head": "x"},
+                                                       {"model": str(family["a"]), "head": "y"}]})
+    assert same.cosine[0][1] == pytest.approx(1.0) and same.sign_conflict[0][1] == 0.0
+
+
+def _report(head: str, labels: list[str], truth: list[str], pred: list[str]) -> EvalReport:
+    m = metrics(truth, pred, labels)
+    rep = EvalReport(model="m")
+    rep.heads[head] = HeadReport(head=head, labels=labels, n=m["n"], accuracy=m["accuracy"],
+                                 macro_f1=m["macro_f1"], per_label=m["per_label"],
+                                 confusion=m["confusion"])
+    return rep
+
+
+def test_the_collapse_warning_fires_only_where_the_source_did_not_collapse():
+    truth = ["neg"] * 50 + ["pos"] * 50
+    merged = _report("sentiment", ["neg", "pos"], truth, ["pos"] * 99 + ["neg"])
+    source = _report("sentiment", ["neg", "pos"], truth, truth)
+    warnings = collapse_warnings(merged, {"sentiment": source})
+    assert warnings == ["head 'sentiment' predicts 'pos' for 99% of its 100 texts, where its "
+                        "source predicts 'neg' for at most 50%: the merged head has collapsed "
+                        "(try head_mode: refit, or distil)"]
+    assert collapse_warnings(merged, {"sentiment": merged}) == []  # the source did too
+    assert len(collapse_warnings(merged)) == 1                      # vs the data's labels
+    skewed = _report("s", ["neg", "pos"], ["pos"] * 99 + ["neg"], ["pos"] * 100)
+    assert collapse_warnings(skewed) == []                          # the data is that skewed
+
+
+def test_eval_cli_prints_the_collapse_warning(tmp_path, tokenizer, capsys):
+    from safetensors.torch import save_file
+
+    from guardmerge.testing import build_bundle
+
+    bundle = build_bundle(tmp_path / "b", {"topic": ["chat", "code", "travel"]}, tokenizer=tokenizer)
+    weights = load_file(str(bundle / "model.safetensors"))
+    weights["classifier.bias"] = torch.tensor([0.0, 50.0, 0.0])  # always "code"
+    save_file(weights, str(bundle / "model.safetensors"), metadata={"format": "pt"})
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"hello number {i}", "head": "topic",
+                                          "label": ["chat", "code", "travel"][i % 3]})
+                              for i in range(30)))
+    assert main(["eval", str(bundle), str(data)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: head 'topic' predicts 'code' for 100% of its 30 texts, where the data's " \
+           "most common label covers 33%" in err
