@@ -4,7 +4,9 @@
 
 1. Builds (or reuses, from .guardmerge-cache/guards) three real guard heads fine-tuned from the
    packaged all-MiniLM-L6-v2 encoder on packaged labelled text (jailbreak, toxicity, sentiment),
-   HM3-merges them, and keeps the merge that does best on the validation split.
+   HM3-merges them (plain merges, head re-fit, RegMean + re-fit, then a distillation of the best
+   training-free one, all on unlabelled text), and keeps the one that does best on the
+   validation split.
 2. Starts a small OpenAI-compatible LLM stand-in on 127.0.0.1 (it echoes what it is asked).
 3. Sends prompts through the real `openai` client wrapped by guardmerge, with
    policies/default.yaml, and prints pass / flag / block with the scores and the spans that
@@ -14,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -46,13 +47,10 @@ def main() -> int:
     hf_logging.set_verbosity_error()
     from guardmerge import Guard, PromptBlockedError, ResponseBlockedError, guard_client
     from guardmerge.testing import OpenAICompatServer
-    from guardmerge.tools.build import build_guards
+    from guardmerge.tools.build import demo_guards
 
     cache = CACHE.parent / "guards-quick" if args.quick else CACHE
-    if args.rebuild and cache.exists():
-        shutil.rmtree(cache)
-    summary = build_guards(cache, scale=0.15 if args.quick else 1.0,
-                           search_trials=3 if args.quick else 12)
+    summary = demo_guards(cache, quick=args.quick, rebuild=args.rebuild)
     guard = Guard.from_bundle(summary["bundle"], ROOT / "policies" / "default.yaml", dtype="auto",
                               include_scores=True)
     print(f"\nguard bundle: {summary['bundle']} ({summary['chosen']}), heads "

@@ -109,7 +109,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         "merge them (offline; cached)")
     bg.add_argument("-o", "--out", default=".guardmerge-cache/guards")
     bg.add_argument("--quick", action="store_true", help="a fraction of the data (smoke run)")
-    bg.add_argument("--trials", type=int, default=12, help="density-search trials (0: none)")
+    bg.add_argument("--rebuild", action="store_true", help="delete the cached guards first")
 
     b = sub.add_parser("bench", help="benchmarks (not tests): runtime, merge, middleware, search")
     b_sub = b.add_subparsers(dest="bench_command", metavar="WHICH", parser_class=_Parser)
@@ -381,10 +381,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_guards(args: argparse.Namespace) -> int:
-    from .tools.build import build_guards
+    from .tools.build import demo_guards
 
     _quiet_transformers(args.verbose)
-    summary = build_guards(args.out, scale=0.15 if args.quick else 1.0, search_trials=args.trials)
+    summary = demo_guards(args.out, quick=args.quick, rebuild=args.rebuild)
     print(f"bundle: {summary['bundle']} ({summary['chosen']})")
     return EXIT_OK
 

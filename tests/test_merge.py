@@ -341,9 +341,12 @@ models:
         assert f"{path}: {fragment}" in text, fragment
 
 
-def test_example_recipe_is_valid():
+def test_example_recipes_are_valid():
     recipe = MergeRecipe.load(EXAMPLES / "recipe.yaml")
     assert recipe.method == "dare_ties" and len(recipe.models) == 2
+    data_aware = MergeRecipe.load(EXAMPLES / "recipe-regmean.yaml")
+    assert (data_aware.method, data_aware.head_mode.value) == ("regmean", "refit")
+    assert data_aware.calibration.per_source == 300 and data_aware.refit.texts == 2000
 
 
 def test_cli_merge_and_inspect(sources, tmp_path, capsys):

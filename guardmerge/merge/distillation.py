@@ -131,6 +131,21 @@ def distill(bundle: str | os.PathLike[str], texts: Sequence[str | os.PathLike[st
     return Path(output).expanduser().resolve()
 
 
+def _epoch_batches(lengths: list[int], batch_size: int, gen: torch.Generator,
+                   group: int = 50) -> list[list[int]]:
+    """One epoch's batches: a seeded shuffle, cut into groups of ``group`` batches, each group
+    sorted by length before it is cut into batches, then the batches shuffled. Texts of similar
+    length share a batch, so padding (to the longest in the batch) costs little: the demo's
+    texts range from 10-token reviews to 128-token jailbreaks."""
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    chunk = batch_size * group
+    out: list[list[int]] = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=lambda i: lengths[i])
+        out += [part[b:b + batch_size] for b in range(0, len(part), batch_size)]
+    return [out[i] for i in torch.randperm(len(out), generator=gen).tolist()]
+
+
 def _train(model: Any, tokenizer: Any, texts: list[str],
            targets: list[tuple[Head, torch.Tensor]], opts: DistillOptions) -> dict[str, Any]:
     """The training loop; returns what the manifest records: steps, seconds, and per head the
@@ -154,13 +169,13 @@ def _train(model: Any, tokenizer: Any, texts: list[str],
     # the demo's merged heads by a mean KL of 0.5-2.5 from their teachers (measured); with it
     # the first steps undo the re-fit instead of improving on it.
     model.eval()
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=opts.max_length,
+                                             add_special_tokens=True)["input_ids"]]
     with progress_bar(total, "distill", enabled=opts.progress, unit="step") as bar:
         while step < total:
-            order = torch.randperm(n, generator=gen).tolist()
-            for b in range(0, n, opts.batch_size):
+            for idx in _epoch_batches(lengths, opts.batch_size, gen):
                 if step >= total:
                     break
-                idx = order[b:b + opts.batch_size]
                 _, enc = next(batches(tokenizer, [texts[i] for i in idx],
                                       max_length=opts.max_length, batch_size=len(idx)))
                 with torch.autocast("cpu", dtype=amp, enabled=amp is not None):

@@ -26,7 +26,8 @@ from .._progress import progress as progress_bar
 from ..bundle import save_tokenizer
 from . import datasets as ds
 
-__all__ = ["HeadData", "head_datasets", "finetune", "build_guards", "extra_unlabelled_texts",
+__all__ = ["HeadData", "head_datasets", "finetune", "build_guards", "demo_guards",
+           "extra_unlabelled_texts", "DEMO",
            "HEAD_LABELS", "PLAIN_CANDIDATES", "CALIBRATED_CANDIDATES"]
 
 HEAD_LABELS = {"jailbreak": ["benign", "jailbreak"],
@@ -343,6 +344,24 @@ def build_guards(out: str | Path = ".guardmerge-cache/guards", *, scale: float =
     summary_path.write_text(json.dumps(summary, indent=2))
     log("\n".join(lines))
     return summary
+
+
+DEMO = {"distill_epochs": 2, "distill_lr": 3e-5, "refit_texts": 4000, "extra_texts": 0}
+
+
+def demo_guards(out: str | Path = ".guardmerge-cache/guards", *, quick: bool = False,
+                rebuild: bool = False, progress: bool = True,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The demo's guard bundle, as ``examples/demo.py`` and ``guardmerge build-guards`` build it
+    (``quick``: a fraction of the data, one distillation epoch: a smoke run)."""
+    out = Path(out)
+    if rebuild and out.exists():
+        shutil.rmtree(out)
+    heads = head_datasets(0.15 if quick else 1.0)
+    settings = dict(DEMO, distill_epochs=1) if quick else dict(DEMO)
+    extra = extra_unlabelled_texts(heads, settings.pop("extra_texts"))
+    return build_guards(out, heads=heads, extra_texts=extra, progress=progress, log=log,
+                        **settings)
 
 
 def _write_texts(path: Path, texts: Sequence[str]) -> Path | None:
