@@ -7,8 +7,8 @@ text.
 
 What a check does, in order: read every message once (``_messages``: roles case-insensitive,
 every content part accounted for); pick the texts the policy's roles ask for (a role outside
-the known ones follows ``input.unknown_roles``); normalise each text (``normalize_text``) and
-score the original and, where it differs, the normalised form in one batch; validate what the
+the known ones follows ``input.unknown_roles``); normalise each text (``normalized_forms``) and
+score the original and every normalised form that differs from it in one batch; validate what the
 classifier returned (count, heads, labels, finite probabilities); turn the scores into a
 verdict. Anything that goes wrong on the way, a classifier that raises, returns a malformed
 result or takes longer than the timeout, gives the policy's ``on_error`` verdict.
@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence
 from ._messages import read_messages
 from .classifier import BundleClassifier, Classifier, TextScores, validate_scores
 from .exceptions import ClassifierError, ConfigError, GuardmergeError
-from .normalize import NormalizedText, normalize_text
+from .normalize import NormalizedText, normalized_forms
 from .policy import ROLES, Policy, Target
 from .verdict import Action, Finding, Verdict
 
@@ -179,16 +179,16 @@ class Guard:
         return verdict
 
     def _score(self, picked: Sequence[tuple[int, str, str, str]]) -> list[Target]:
-        """Score each text, and its normalised form where that differs, in one batch."""
-        forms: list[NormalizedText] = [normalize_text(text) for *_, text in picked]
-        texts = [text for *_, text in picked] + [f.text for f in forms if f.changed]
+        """Score each text, and each of its normalised forms that differs, in one batch."""
+        forms: list[tuple[NormalizedText, ...]] = [normalized_forms(text) for *_, text in picked]
+        texts = [text for *_, text in picked] + [f.text for fs in forms for f in fs]
         scores = self.scorer.classify(texts, max_tokens=self.policy.max_tokens)
         validate_scores(scores, len(texts), self.classifier.heads, self.classifier.name)
         targets = [Target(i, role, s, None, rules_role)
                    for (i, role, rules_role, _), s in zip(picked, scores)]
         extra = iter(scores[len(picked):])
         targets += [Target(i, role, next(extra), form, rules_role)
-                    for (i, role, rules_role, _), form in zip(picked, forms) if form.changed]
+                    for (i, role, rules_role, _), fs in zip(picked, forms) for form in fs]
         return targets
 
     def _run(self, fn: Any, *args: Any) -> Any:

@@ -28,8 +28,8 @@ A policy (see ``policies/*.yaml``)::
 
 A rule fires for a message when a listed label's score (its maximum over the message's windows)
 reaches a threshold. The verdict is the most severe action of any finding. When a text's
-normalised form (``guardmerge.normalize_text``) differs, both forms are scored and each rule
-keeps its worse finding; ``Finding.form`` says which form fired. Content the guard cannot read
+normalised forms (``guardmerge.normalized_forms``) differ from it, every form is scored and
+each rule keeps its worse finding; ``Finding.form`` says which form fired. Content the guard cannot read
 gets ``on_error``: never a silent pass.
 """
 
@@ -190,9 +190,9 @@ class Policy:
         """Turn scored messages into a verdict.
 
         ``targets``: a ``Target`` (or ``(message_index, role, TextScores)``) for every scored
-        text; a target with ``normalized`` set holds the scores of that message's normalised
-        form, and its findings' spans are mapped back to the original characters. Each rule
-        keeps its worse finding per message over both forms. ``extra``: findings made outside
+        text; a target with ``normalized`` set holds the scores of one of that message's
+        normalised forms, and its findings' spans are mapped back to the original characters.
+        Each rule keeps its worse finding per message over all forms. ``extra``: findings made outside
         the model (non-text parts, unreadable content, unknown roles).
         """
         section = self.rules(direction)
@@ -201,7 +201,7 @@ class Policy:
         for target in targets:
             t = target if isinstance(target, Target) else Target(*target)
             scores, norm = t.scores, t.normalized
-            form = "original" if norm is None else "normalized"
+            form = "original" if norm is None else norm.form
             span = (lambda a, b: (a, b)) if norm is None else norm.original_span
             if include_scores and norm is None:
                 score_dump.append({h: dict(hs.scores) for h, hs in scores.heads.items()})
@@ -244,23 +244,29 @@ class Target(NamedTuple):
     index: int
     role: str
     scores: "TextScores"
-    normalized: "NormalizedText | None" = None   # set: these are the normalised form's scores
+    normalized: "NormalizedText | None" = None   # set: the scores of this normalised form
     rules_role: str | None = None                # the role whose rules apply (default: role)
+
+
+_FORM_RANK = {"original": 2, "normalized": 1}   # on a tie, the plainest form is reported
 
 
 def _worst_per_rule(findings: list[Finding]) -> list[Finding]:
     """Per (kind, message, rule, label): the most severe finding, then the highest score, the
-    original form before the normalised one. Other findings are kept as they are."""
+    original form before the normalised ones. Other findings are kept as they are."""
     best: dict[tuple[Any, ...], Finding] = {}
     out: list[Finding] = []
+
+    def rank(f: Finding) -> tuple[int, float, int]:
+        return (f.action.severity, f.score or 0.0, _FORM_RANK.get(f.form or "", 0))
+
     for f in findings:
         if f.kind not in ("rule", "too_long"):
             out.append(f)
             continue
         key = (f.kind, f.message_index, f.rule, f.label)
-        rank = (f.action.severity, f.score or 0.0, f.form == "original")
         old = best.get(key)
-        if old is None or rank > (old.action.severity, old.score or 0.0, old.form == "original"):
+        if old is None or rank(f) > rank(old):
             best[key] = f
     return out + list(best.values())
 
