@@ -14,20 +14,46 @@ are the application's own input and are not scored, like system prompts under th
 policy; Responses ``instructions`` are checked as a ``system`` message and prompt-template
 variables as ``user`` text; input items the guard cannot read (``item_reference``, tool-call
 records of unknown types) are unreadable content (``on_error``).
+
+Parameters outside the API's own (``_screen``, run first by every ``request``): the SDK merges
+``extra_body`` into the request body over the parameters, so a text-bearing field there
+(``messages``, ``input``, ``prompt``, ...) or ``stream`` is folded into the snapshot in the
+parameter's place (checked, and sent as the parameter). Any other key, of ``extra_body`` or
+an unknown keyword argument (guardmerge's ``ChatClient`` sends every keyword it is given), is
+default-deny for text: a value without a string anywhere (``top_k=20``, ``min_p=0.05``,
+``chat_template_kwargs={"enable_thinking": False}``) is sent as it is; a value holding text is
+refused with ``UnguardedCallError`` naming the parameter, unless its key is one of the API's
+own parameters or in ``VENDOR_SETTINGS`` (vendor settings and output constraints whose strings
+the model does not read as a prompt). ``extra_headers`` and ``extra_query`` are not read:
+OpenAI-compatible servers take the prompt from the JSON body only, and no standard header or
+query parameter carries text to the model (they carry auth, versions, routing).
 """
 
 from __future__ import annotations
 
+import re
 import time
+from enum import Enum
 from typing import Any, Mapping
 
 from ._messages import Unreadable, get, snapshot
 from ._stream import Touch
+from .exceptions import UnguardedCallError
 from .verdict import Action, Verdict
 
-__all__ = ["API", "CHAT", "COMPLETIONS", "RESPONSES"]
+__all__ = ["API", "CHAT", "COMPLETIONS", "RESPONSES", "VENDOR_SETTINGS"]
 
 _UNSET = ("NotGiven", "Omit")
+#: the SDK's per-call options, not API parameters; ``extra_body`` is screened (module doc)
+_SDK_OPTIONS = frozenset({"extra_headers", "extra_query", "extra_body", "timeout"})
+#: keys of OpenAI-compatible servers outside the OpenAI API whose strings are settings or
+#: output constraints, not prompt text: vLLM guided decoding, OpenRouter routing, reasoning
+#: switches, request ids
+VENDOR_SETTINGS = frozenset({
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+    "guided_whitespace_pattern", "structured_outputs", "provider", "models", "route",
+    "transforms", "reasoning", "thinking", "request_id", "cache_salt"})
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 def _given(value: Any) -> bool:
@@ -40,6 +66,78 @@ def _to_dict(obj: Any) -> dict[str, Any]:
     return obj.model_dump(exclude_unset=True)
 
 
+def _key_name(key: Any) -> str:
+    """A parameter's name for an error message: never a caller's string that is not a name."""
+    return repr(key) if isinstance(key, str) and _NAME.fullmatch(key) else "<a key that is not a name>"
+
+
+def _holds_text(value: Any) -> bool:
+    """Whether JSON-like ``value`` (a snapshot) holds a string anywhere (a mapping key that is
+    not a plain name counts) or anything the guard cannot read."""
+    stack, seen = [value], 0
+    while stack:
+        v = stack.pop()
+        seen += 1
+        if isinstance(v, Enum):
+            v = v.value
+        if isinstance(v, str) or seen > 100_000:
+            return True
+        if isinstance(v, Mapping):
+            if any(not (isinstance(k, str) and _NAME.fullmatch(k)) for k in v):
+                return True
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif not (isinstance(v, (int, float, type(None))) or type(v).__name__ in _UNSET):
+            return True  # bytes, objects: unreadable, so treated as text
+    return False
+
+
+def _screen(api: "API", kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``extra_body``'s text fields folded in and every other parameter
+    screened (see the module doc); raises ``UnguardedCallError`` naming a refused one."""
+    sent = dict(kwargs)
+    extra = sent.get("extra_body")
+    if "extra_body" in sent and _given(extra):
+        if not isinstance(extra, Mapping):
+            raise UnguardedCallError(f"{api.name}.create(extra_body)",
+                                     f"extra_body is a {type(extra).__name__}, not a mapping "
+                                     "the guard can read")
+        rest = {}
+        for key, value in extra.items():
+            if key in api.text_fields or key == "stream":
+                sent[key] = value  # the SDK would send it in the parameter's place
+            else:
+                rest[key] = _screened(api, f"extra_body[{_key_name(key)}]", key, value)
+        sent["extra_body"] = rest
+        if not rest:
+            del sent["extra_body"]
+    for key in list(sent):
+        if key not in _SDK_OPTIONS and key not in api.text_fields:
+            sent[key] = _screened(api, _key_name(key), key, sent[key])
+    return sent
+
+
+def _screened(api: "API", where: str, key: Any, value: Any) -> Any:
+    if key in api.other_fields or key in VENDOR_SETTINGS:
+        return value
+    if not (isinstance(key, str) and _NAME.fullmatch(key)):
+        raise UnguardedCallError(f"{api.name}.create({where})",
+                                 "a parameter name that is not a name could carry text")
+    if not _given(value):
+        return value
+    try:
+        value = snapshot(value)  # what is screened is what is sent
+    except RecursionError:
+        value = object()
+    if _holds_text(value):
+        raise UnguardedCallError(
+            f"{api.name}.create({where})",
+            "a parameter the guard does not know, and its value holds text that would reach "
+            "the model unchecked; pass the text in a parameter the guard reads")
+    return value
+
+
 def _call_text(call: Any) -> str:
     """``name(arguments)`` of a tool call (``input`` for custom tools), as the guard scores it."""
     return f"{get(call, 'name', '')}({get(call, 'arguments', get(call, 'input', ''))})"
@@ -50,9 +148,14 @@ def _now_id(prefix: str) -> str:
 
 
 class API:
-    """The interface (see the module doc); ``sdk``: build SDK objects instead of dicts."""
+    """The interface (see the module doc); ``sdk``: build SDK objects instead of dicts.
+    ``text_fields``: the parameters ``request`` reads; ``other_fields``: the API's other
+    parameters (the SDK's create / parse / stream signatures): settings, or the application's
+    own input (module doc)."""
 
     name = ""
+    text_fields: frozenset[str] = frozenset()
+    other_fields: frozenset[str] = frozenset()
 
     def request(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
         raise NotImplementedError
@@ -187,7 +290,18 @@ class ChatAPI(_Choices):
     obj = "chat.completion"
     chunk_obj = "chat.completion.chunk"
 
+    text_fields = frozenset({"messages"})
+    other_fields = frozenset({
+        "model", "audio", "frequency_penalty", "function_call", "functions", "logit_bias",
+        "logprobs", "max_completion_tokens", "max_tokens", "metadata", "modalities",
+        "moderation", "n", "parallel_tool_calls", "prediction", "presence_penalty",
+        "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
+        "reasoning_effort", "response_format", "safety_identifier", "seed", "service_tier",
+        "stop", "store", "stream", "stream_options", "temperature", "tool_choice", "tools",
+        "top_logprobs", "top_p", "user", "verbosity", "web_search_options"})
+
     def request(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+        kwargs = _screen(self, kwargs)
         messages = kwargs.get("messages")
         if not _given(messages):
             return kwargs, []
@@ -234,7 +348,14 @@ class CompletionsAPI(_Choices):
     obj = "text_completion"
     chunk_obj = "text_completion"
 
+    text_fields = frozenset({"prompt", "suffix"})
+    other_fields = frozenset({
+        "model", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens",
+        "n", "presence_penalty", "seed", "stop", "stream", "stream_options", "temperature",
+        "top_p", "user"})
+
     def request(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+        kwargs = _screen(self, kwargs)
         prompt = snapshot(kwargs.get("prompt"))
         prompts = [prompt] if isinstance(prompt, str) or not isinstance(prompt, list) else prompt
         if prompt is not None and isinstance(prompt, list) and prompt and \
@@ -250,6 +371,9 @@ class CompletionsAPI(_Choices):
         suffix = kwargs.get("suffix")
         if isinstance(suffix, str):
             messages.append({"role": "user", "content": suffix})
+        elif _given(suffix):
+            messages.append({"role": "user", "content": Unreadable(
+                f"suffix is a {type(suffix).__name__}, not text")})
         sent = {**kwargs, "prompt": prompt} if "prompt" in kwargs else kwargs
         return sent, messages
 
@@ -280,12 +404,27 @@ _TOOL_DELTAS = {"response.function_call_arguments.delta",
 class ResponsesAPI(API):
     name = "responses"
 
+    text_fields = frozenset({"input", "instructions", "prompt"})
+    other_fields = frozenset({
+        "model", "access_programs", "background", "background_options", "betas",
+        "context_management", "conversation", "image", "include", "max_output_tokens",
+        "max_tool_calls", "metadata", "moderation", "multi_agent", "parallel_tool_calls",
+        "parse_as", "previous_response_id", "prompt_cache_key", "prompt_cache_options",
+        "prompt_cache_retention", "reasoning", "safety_identifier", "service_tier", "store",
+        "stream", "stream_options", "temperature", "text", "text_format", "tool_choice",
+        "tools", "top_logprobs", "top_p", "truncation", "user", "verbosity"})
+
     def request(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+        kwargs = _screen(self, kwargs)
         sent = dict(kwargs)
         messages: list[Any] = []
         instructions = kwargs.get("instructions")
         if isinstance(instructions, str):
             messages.append({"role": "system", "content": instructions})
+        elif _given(instructions):
+            sent["instructions"] = instructions = snapshot(instructions)
+            messages.append({"role": "system", "content": Unreadable(
+                f"instructions is a {type(instructions).__name__}, not text")})
         if _given(kwargs.get("input")):
             value = kwargs["input"]
             if not isinstance(value, str):

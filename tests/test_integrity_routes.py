@@ -314,3 +314,103 @@ def test_guardmerge_chat_client_is_guarded_the_same_way(jb_guard):
     with pytest.raises(UnguardedCallError, match="create_chat_completion"):
         guarded.create_chat_completion(model="m", messages=user("xyzzy"))
     assert sent == []
+
+
+# -- parameters outside the API: extra_body and unknown keywords ----------------------------------
+
+T = [{"role": "user", "content": "xyzzy"}]
+
+
+def _extra_body_routes(g):
+    hi = user("hi")
+    return {
+        "chat messages": lambda: g.chat.completions.create(model="m", messages=hi,
+                                                           extra_body={"messages": T}),
+        "chat without messages": lambda: g.chat.completions.create(model="m",
+                                                                   extra_body={"messages": T}),
+        "chat stream": lambda: list(g.chat.completions.create(
+            model="m", messages=hi, stream=True, extra_body={"messages": T})),
+        "responses input": lambda: g.responses.create(model="m", input="hi",
+                                                      extra_body={"input": "xyzzy"}),
+        "responses prompt variables": lambda: g.responses.create(
+            model="m", input="hi", extra_body={"prompt": {"id": "p", "variables": {"v": "xyzzy"}}}),
+        "completions prompt": lambda: g.completions.create(model="m", prompt="hi",
+                                                           extra_body={"prompt": "xyzzy"}),
+        "completions suffix": lambda: g.completions.create(model="m", prompt="hi",
+                                                           extra_body={"suffix": ["xyzzy"]}),
+    }
+
+
+@pytest.mark.parametrize("route", list(_extra_body_routes(None)))
+def test_text_in_extra_body_is_checked_as_the_parameter_it_replaces(llm, jb_guard, route):
+    guarded = guard_client(sdk_client(llm), jb_guard)
+    with pytest.raises(PromptBlockedError):
+        _extra_body_routes(guarded)[route]()
+    assert llm.requests == []
+
+
+def test_the_checked_extra_body_text_is_what_is_sent(llm, jb_guard):
+    guarded = guard_client(sdk_client(llm), jb_guard)
+    # extra_body wins over the parameter in the SDK's merge: that is what is checked and sent
+    r = guarded.chat.completions.create(model="m", messages=T, extra_body={"messages": user("hi")})
+    assert r.choices[0].message.content == "You said: hi"
+    assert llm.requests[0]["messages"] == user("hi")
+    chunks = list(guarded.chat.completions.create(model="m", messages=user("streamed"),
+                                                  extra_body={"stream": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        "You said: streamed"  # a stream requested in extra_body is guarded as a stream
+
+
+def test_unknown_parameters_pass_without_text_and_are_refused_with_it(llm, jb_guard):
+    guarded = guard_client(sdk_client(llm), jb_guard)
+    settings = {"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.1,
+                "chat_template_kwargs": {"enable_thinking": False},
+                "guided_json": {"type": "object"}, "provider": {"order": ["a", "b"]}}
+    guarded.chat.completions.create(model="m", messages=user("hi"), temperature=0.2,
+                                    extra_body=settings)
+    assert {k: llm.requests[0][k] for k in settings} == settings
+    assert llm.requests[0]["temperature"] == 0.2
+    for extra, named in (({"documents": [{"title": "a", "text": "the secret xyzzy"}]},
+                          "extra_body['documents']"),
+                         ({"chat_template": "{{ 'xyzzy' }}"}, "extra_body['chat_template']"),
+                         ({"kwargs": {"the secret xyzzy": 1}}, "extra_body['kwargs']"),
+                         ({"the secret xyzzy": 1}, "extra_body[<a key that is not a name>]")):
+        with pytest.raises(UnguardedCallError) as err:
+            guarded.chat.completions.create(model="m", messages=user("hi"), extra_body=extra)
+        assert err.value.method == f"chat.completions.create({named})"
+        assert "secret" not in str(err.value) and "xyzzy" not in str(err.value)
+    with pytest.raises(UnguardedCallError, match=r"responses\.create\(extra_body\['documents'\]\)"):
+        guarded.responses.create(model="m", input="hi", extra_body={"documents": ["xyzzy"]})
+    with pytest.raises(UnguardedCallError, match="extra_body is a list"):
+        guarded.chat.completions.create(model="m", messages=user("hi"), extra_body=["xyzzy"])
+    assert len(llm.requests) == 1
+
+
+def test_unknown_keywords_of_guardmerges_chat_client_are_screened_the_same_way(llm, jb_guard):
+    from guardmerge import ChatClient
+
+    guarded = guard_client(ChatClient(llm.url), jb_guard)
+    assert guarded.chat.completions.create(model="m", messages=user("hi"), top_k=3)["choices"]
+    assert llm.requests[0]["top_k"] == 3
+    with pytest.raises(UnguardedCallError, match=r"chat\.completions\.create\('documents'\)"):
+        guarded.chat.completions.create(model="m", messages=user("hi"), documents=["xyzzy"])
+    assert len(llm.requests) == 1
+
+
+def test_every_parameter_of_the_installed_sdk_is_classified():
+    """A parameter a future SDK adds to a guarded method must be read, or named as one that
+    carries no text to the model; until then a text value in it is refused (default-deny)."""
+    import openai
+
+    client = openai.OpenAI(api_key="x", base_url="http://127.0.0.1:9/v1")
+    from guardmerge._apis import _SDK_OPTIONS
+
+    for path, (api, kind) in ROUTES.items():
+        method = client
+        for name in path:
+            method = getattr(method, name)
+        params = set(inspect.signature(method).parameters) - _SDK_OPTIONS
+        if kind == "stream":  # the SDK's manager resolves these before the guarded create
+            params -= {"response_id", "starting_after"}
+        assert params <= api.text_fields | api.other_fields, (path, params - api.text_fields
+                                                             - api.other_fields)
