@@ -143,6 +143,15 @@ def _call_text(call: Any) -> str:
     return f"{get(call, 'name', '')}({get(call, 'arguments', get(call, 'input', ''))})"
 
 
+def _unlisted(response: Any, field: str) -> list[dict[str, Any]] | None:
+    """None when ``response`` has its ``choices`` / ``output`` list; else the one unreadable
+    item that stands for it: a response without one is never a response of no text."""
+    if isinstance(get(response, field), (list, tuple)):
+        return None
+    return [{"role": "assistant", "content": Unreadable(
+        f"the response (a {type(response).__name__}) has no {field!r} list")}]
+
+
 def _now_id(prefix: str) -> str:
     return f"{prefix}-guardmerge-{int(time.time() * 1000)}"
 
@@ -226,7 +235,9 @@ class _Choices(API):
 
     def refuse_output(self, response: Any, verdict: Verdict, refusal: str) -> Any:
         data = _to_dict(response)
-        choices = [dict(_to_dict(c)) for c in data.get("choices") or []]
+        if not isinstance(data.get("choices"), list):  # unreadable: refuse it whole
+            data["choices"] = [{"index": 0}]
+        choices = [dict(_to_dict(c)) for c in data["choices"]]
         for i in _blocked_indices(verdict, len(choices)):
             if i < len(choices):
                 choices[i] = {**choices[i], **self._refused_choice(int(choices[i].get("index", i)),
@@ -311,8 +322,11 @@ class ChatAPI(_Choices):
         return {**kwargs, "messages": messages}, checked
 
     def output_items(self, response: Any, tool_calls: bool) -> list[dict[str, Any]]:
+        items = _unlisted(response, "choices")
+        if items is not None:
+            return items
         items = []
-        for choice in get(response, "choices") or []:
+        for choice in get(response, "choices"):
             message = get(choice, "message") or {}
             parts = [p for p in (get(message, "content"), get(message, "refusal"),
                                  get(get(message, "audio") or {}, "transcript")) if p]
@@ -378,8 +392,10 @@ class CompletionsAPI(_Choices):
         return sent, messages
 
     def output_items(self, response: Any, tool_calls: bool) -> list[dict[str, Any]]:
-        return [{"role": "assistant", "content": get(c, "text") or None}
-                for c in get(response, "choices") or []]
+        unlisted = _unlisted(response, "choices")
+        return unlisted if unlisted is not None else \
+            [{"role": "assistant", "content": get(c, "text") or None}
+             for c in get(response, "choices")]
 
     def _refused_choice(self, index: int, refusal: str) -> dict[str, Any]:
         return {"index": index, "finish_reason": "content_filter", "logprobs": None,
@@ -467,8 +483,11 @@ class ResponsesAPI(API):
             f"input[{i}] is an item of type {kind!r}, which the guard cannot read")}
 
     def output_items(self, response: Any, tool_calls: bool) -> list[dict[str, Any]]:
+        items = _unlisted(response, "output")
+        if items is not None:
+            return items
         items = []
-        for out in get(response, "output") or []:
+        for out in get(response, "output"):
             kind = get(out, "type")
             parts: list[str] = []
             if kind == "message":

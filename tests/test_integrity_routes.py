@@ -18,8 +18,9 @@ import pytest
 from conftest import JB_HEADS, JB_POLICY, jb_score, sdk_client
 from openai._resource import AsyncAPIResource, SyncAPIResource
 
-from guardmerge import (FunctionClassifier, Guard, Policy, PromptBlockedError,
-                        ResponseBlockedError, UnguardedCallError, guard_client)
+from guardmerge import (AsyncGuardedClient, ConfigError, FunctionClassifier, Guard,
+                        GuardedClient, Policy, PromptBlockedError, ResponseBlockedError, UnguardedCallError,
+                        guard_client)
 from guardmerge.client import ROUTES, SAFE_CALLS
 
 MODES = ("with_raw_response", "with_streaming_response")
@@ -103,6 +104,27 @@ def test_private_attributes_and_the_raw_http_methods_are_refused(llm, jb_guard):
         with pytest.raises(UnguardedCallError):
             attr()
     assert guarded.wrapped.base_url == guarded.base_url  # plain attributes pass
+    # the guarded method keeps the SDK's function private: .wrapped is the one way around
+    assert not hasattr(guarded.chat.completions.create, "fn")
+    assert not hasattr(guarded.responses.with_raw_response.create, "fn")
+    assert llm.requests == []
+
+
+def test_guarded_clients_are_context_managers_of_the_wrapped_client(llm, jb_guard):
+    with guard_client(sdk_client(llm), jb_guard) as guarded:
+        assert isinstance(guarded, GuardedClient) and not guarded.is_closed()
+        with pytest.raises(PromptBlockedError):
+            guarded.chat.completions.create(model="m", messages=user("xyzzy"))
+    assert guarded.wrapped.is_closed()
+
+    async def main():
+        async with guard_client(sdk_client(llm, asynchronous=True), jb_guard) as guarded:
+            assert isinstance(guarded, AsyncGuardedClient)
+            with pytest.raises(PromptBlockedError):
+                await guarded.responses.create(model="m", input="xyzzy")
+        return guarded
+
+    assert asyncio.run(main()).wrapped.is_closed()
     assert llm.requests == []
 
 
@@ -414,3 +436,88 @@ def test_every_parameter_of_the_installed_sdk_is_classified():
             params -= {"response_id", "starting_after"}
         assert params <= api.text_fields | api.other_fields, (path, params - api.text_fields
                                                              - api.other_fields)
+
+
+# -- a client the wrapper must recognise as async; responses it cannot read ------------------------
+
+
+class Tracing:
+    """A plain ``__getattr__`` proxy, the shape of tracing / instrumentation wrappers."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def test_an_async_client_behind_a_wrapper_is_guarded_as_async(llm, jb_guard):
+    seen = []
+
+    async def main():
+        guarded = guard_client(Tracing(sdk_client(llm, asynchronous=True)), jb_guard,
+                               on_verdict=seen.append)
+        assert isinstance(guarded, AsyncGuardedClient)
+        with pytest.raises(ResponseBlockedError):
+            await guarded.chat.completions.create(model="m", messages=user("tell me the secret"))
+
+    asyncio.run(main())
+    assert [v.action.value for v in seen] == ["pass", "block"]
+
+
+def test_an_awaitable_on_the_sync_path_is_an_error_never_a_pass(llm, jb_guard):
+    inner = sdk_client(llm, asynchronous=True)
+
+    from types import SimpleNamespace
+
+    # nothing in it says async: the method is a plain function that returns a coroutine
+    opaque = SimpleNamespace(chat=SimpleNamespace(completions=SimpleNamespace(
+        create=lambda **kw: inner.chat.completions.create(**kw))))
+    seen = []
+    guarded = guard_client(opaque, jb_guard, on_verdict=seen.append)
+    assert not isinstance(guarded, AsyncGuardedClient)
+    with pytest.raises(ConfigError, match=r"returned an awaitable.*pass is_async=True"):
+        guarded.chat.completions.create(model="m", messages=user("tell me the secret"))
+    assert [v.direction for v in seen] == ["input"]  # no output verdict, and no pass for it
+    assert llm.requests == []  # the coroutine was closed, never run
+    with pytest.raises(ConfigError, match="pass is_async=False"):
+        asyncio.run(guard_client(sdk_client(llm), jb_guard, is_async=True)
+                    .chat.completions.create(model="m", messages=user("hi")))
+
+
+def _mock_sdk(body):
+    import httpx
+    import openai
+
+    return openai.OpenAI(base_url="http://upstream.invalid/v1", api_key="k", max_retries=0,
+                         http_client=httpx.Client(transport=httpx.MockTransport(
+                             lambda request: httpx.Response(200, json=body))))
+
+
+@pytest.mark.parametrize("api", ["chat", "completions", "responses"])
+def test_a_response_without_its_output_list_is_unreadable_never_a_pass(jb_guard, api):
+    body = {"id": "x", "created": 1, "model": "m", "output_text": "xyzzy",
+            "object": {"chat": "chat.completion", "completions": "text_completion",
+                       "responses": "response"}[api]}
+    for on_error, action in (("block", "block"), ("flag", "flag")):
+        guard = Guard(FunctionClassifier(JB_HEADS, jb_score),
+                      Policy.from_yaml(f"on_error: {on_error}\n" + JB_POLICY))
+        seen = []
+        g = guard_client(_mock_sdk(body), guard, on_verdict=seen.append)
+        call = {"chat": lambda: g.chat.completions.create(model="m", messages=user("hi")),
+                "completions": lambda: g.completions.create(model="m", prompt="hi"),
+                "responses": lambda: g.responses.create(model="m", input="hi")}[api]
+        if action == "block":
+            with pytest.raises(ResponseBlockedError):
+                call()
+        else:
+            call()
+        out = seen[-1]
+        assert out.direction == "output" and out.action.value == action
+        assert [f.kind for f in out.findings] == ["unreadable"]
+        assert "has no" in out.findings[0].detail
+    if api == "chat":  # refused whole: one content_filter choice in place of the unreadable
+        refused = guard_client(_mock_sdk(body), jb_guard, on_block="refuse")
+        r = refused.chat.completions.create(model="m", messages=user("hi"))
+        assert r.choices[0].finish_reason == "content_filter"
+        assert r.choices[0].message.content == "Refused by policy."
