@@ -146,7 +146,7 @@ class _Core:
         reader = api.reader(self.tool_calls, self.refusal_message, self.sdk_types)
         return StreamMachine(reader.read, window_chars=self.window_chars,
                              overlap_chars=self.overlap_chars, hold=self.stream_mode == "hold",
-                             tail=reader.tail,
+                             tail=reader.tail, label=reader.label,
                              error=lambda exc: self.guard.policy.error_verdict("output", exc))
 
 
