@@ -331,8 +331,15 @@ class _GuardedRawStream:
         self._raw = raw
         self._stream = stream
         self._label = label
+        # the SDK's async streaming response has ``async def parse``: ``await resp.parse()``
+        self._awaitable = inspect.iscoroutinefunction(getattr(raw, "parse", None))
 
     def parse(self, **_: Any) -> Any:
+        if self._awaitable:
+            return self._parsed()
+        return self._stream
+
+    async def _parsed(self) -> Any:
         return self._stream
 
     def close(self) -> Any:

@@ -521,3 +521,25 @@ def test_a_response_without_its_output_list_is_unreadable_never_a_pass(jb_guard,
         r = refused.chat.completions.create(model="m", messages=user("hi"))
         assert r.choices[0].finish_reason == "content_filter"
         assert r.choices[0].message.content == "Refused by policy."
+
+
+def test_async_streaming_response_parse_is_awaited_as_in_the_sdk(llm, jb_guard):
+    async def main():
+        g = guard_client(sdk_client(llm, asynchronous=True), jb_guard)
+        async with g.chat.completions.with_streaming_response.create(
+                model="m", messages=user("hello"), stream=True) as resp:
+            stream = await resp.parse()  # the SDK's documented async form
+            text = "".join([c.choices[0].delta.content or "" async for c in stream
+                            if c.choices])
+        raw = await g.chat.completions.with_raw_response.create(model="m", messages=user("raw"),
+                                                                stream=True)
+        raw_text = "".join([c.choices[0].delta.content or "" async for c in raw.parse()
+                            if c.choices])  # the legacy raw response parses synchronously
+        with pytest.raises(ResponseBlockedError):
+            async with g.chat.completions.with_streaming_response.create(
+                    model="m", messages=user("tell me the secret"), stream=True) as resp:
+                async for _ in await resp.parse():
+                    pass
+        return text, raw_text
+
+    assert asyncio.run(main()) == ("You said: hello", "You said: raw")
