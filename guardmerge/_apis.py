@@ -578,8 +578,8 @@ class ResponsesAPI(API):
             summary = [get(s, "text") for s in get(item, "summary") or []]
             return {"role": "assistant",
                     "content": "\n\n".join(s for s in summary if isinstance(s, str))}
-        return {"role": "tool", "content": Unreadable(
-            f"input[{i}] is an item of type {kind!r}, which the guard cannot read")}
+        return {"role": "tool", "content": Unreadable(  # the type is not echoed: it is text
+            f"input[{i}] is an item of a type the guard cannot read")}
 
     def output_items(self, response: Any, tool_calls: bool) -> list[dict[str, Any]]:
         items = _unlisted(response, "output")

@@ -22,12 +22,13 @@ import hashlib
 import logging
 import os
 import threading
+import traceback
 from collections import OrderedDict
 from typing import Any, Iterable, Sequence
 
 from ._messages import read_messages
 from .classifier import BundleClassifier, Classifier, TextScores, validate_scores
-from .exceptions import ClassifierError, ConfigError, GuardmergeError
+from .exceptions import ClassifierError, ConfigError, GuardmergeError, error_detail
 from .normalize import NormalizedText, normalized_forms
 from .policy import ROLES, Policy, Target
 from .verdict import Action, Finding, Verdict
@@ -145,12 +146,14 @@ class Guard:
             if direction == "output":
                 rules_role = "assistant"
             elif m.role not in ROLES:
+                m.role = "unknown"  # reported so: a role name the caller chose is never echoed
                 if section.unknown_roles == "pass":
                     continue
                 if section.unknown_roles == "block":
                     extra.append(Finding(kind="unknown_role", action=Action.BLOCK,
                                          message_index=m.index, role=m.role,
-                                         detail=f"role {m.role!r} is not one the policy knows"))
+                                         detail="the message's role is not one the policy "
+                                                "knows"))
                     continue
                 rules_role = "user"
             elif m.role not in section.roles:
@@ -230,9 +233,16 @@ class Guard:
         return self.check([{"role": role, "content": text}], direction=direction)
 
     def _failed(self, direction: str, exc: BaseException) -> Verdict:
-        """The ``on_error`` verdict. The log names the error type and message only: errors from
-        the guard's own code never carry the text they were checking."""
-        level = logging.WARNING if isinstance(exc, GuardmergeError) else logging.ERROR
-        logger.log(level, "guard check failed (%s); applying on_error=%s", exc,
-                   self.policy.on_error.value, exc_info=not isinstance(exc, GuardmergeError))
+        """The ``on_error`` verdict. Logged with ``error_detail``: guardmerge's own messages
+        (which never carry the text being checked), a third-party error by its type only (its
+        message, and so a traceback, may hold the text: ``KeyError(text)``); where it was
+        raised goes to the DEBUG log as stack frames, without the message or any values."""
+        own = isinstance(exc, GuardmergeError)
+        logger.log(logging.WARNING if own else logging.ERROR,
+                   "guard check failed (%s); applying on_error=%s", error_detail(exc),
+                   self.policy.on_error.value)
+        if not own and logger.isEnabledFor(logging.DEBUG):
+            logger.debug("guard check failure raised at: %s", " <- ".join(
+                f"{f.filename}:{f.lineno} in {f.name}"
+                for f in reversed(traceback.extract_tb(exc.__traceback__))))
         return self.policy.error_verdict(direction, exc)

@@ -11,7 +11,8 @@ A policy (see ``policies/*.yaml``)::
     refusal_message: "..."      # text a refusing client wrapper returns
     timeout: 5                  # seconds a check may take; longer is a guard failure (null: none)
     input:                      # prompts
-      roles: [user, tool]       # which message roles are checked (case-insensitive)
+      roles: [user, tool]       # which message roles are checked (case-insensitive; the
+                                # legacy ``function`` role is ``tool``)
       unknown_roles: check      # a role outside system/developer/user/assistant/tool/function:
                                 # check (with the user rules) | block | pass
       rules:
@@ -41,7 +42,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple, Sequence
 
 from ._validate import Checker, load_yaml, parse_yaml
-from .exceptions import ConfigError, PolicyError
+from ._messages import normalize_role
+from .exceptions import ConfigError, PolicyError, error_detail
 from .labels import Head
 from .verdict import Action, Finding, Verdict
 
@@ -233,7 +235,7 @@ class Policy:
 
     def error_verdict(self, direction: str, error: BaseException) -> Verdict:
         """The verdict when the guard itself failed: ``on_error`` (block unless told otherwise)."""
-        detail = f"{type(error).__name__}: {error}"
+        detail = error_detail(error)  # never the message of a third-party error: text
         return Verdict(action=self.on_error, direction=direction, policy=self.name,
                        findings=[Finding(kind="error", action=self.on_error, detail=detail)])
 
@@ -284,7 +286,7 @@ def _direction(c: Checker, value: Any, direction: str) -> DirectionRules:
     if "roles" in sec:
         got = c.string_list(sec["roles"], f"{direction}.roles")
         if got is not None:
-            got = [r.strip().lower() for r in got]
+            got = list(dict.fromkeys(normalize_role(r) for r in got))  # function is tool
             bad = [r for r in got if r not in ROLES]
             for r in bad:
                 c.add(f"{direction}.roles", f"unknown role {r!r} (known: {', '.join(ROLES)})")
@@ -341,7 +343,7 @@ def _rule(c: Checker, raw: Any, path: str, direction: str, roles: tuple[str, ...
     if "roles" in r:
         got = c.string_list(r["roles"], f"{path}.roles")
         if got is not None:
-            got = [role.strip().lower() for role in got]
+            got = list(dict.fromkeys(normalize_role(role) for role in got))
             for role in got:
                 if role not in ROLES:
                     c.add(f"{path}.roles", f"unknown role {role!r} (known: {', '.join(ROLES)})")

@@ -279,9 +279,24 @@ def _guard(extra_input: str = "", on_error: str | None = None) -> Guard:
     return Guard(FunctionClassifier(JB_HEADS, jb_score), Policy.from_yaml(text))
 
 
+def test_the_legacy_function_role_is_a_tool_message(llm, jb_guard):
+    v = jb_guard.check([{"role": "function", "name": "f", "content": "xyzzy"}])
+    assert v.blocked and v.findings[0].role == "tool"  # default policy: roles [user, tool]
+    assert jb_guard.check([{"role": " Function ", "content": "fine"}]).passed
+    only_function = Policy.from_yaml(JB_POLICY.replace("roles: [user, tool]",
+                                                       "roles: [user, function]"))
+    assert only_function.input.roles == ("user", "tool")
+    guarded = guard_client(sdk_client(llm), jb_guard)
+    with pytest.raises(PromptBlockedError):
+        guarded.chat.completions.create(model="m", messages=[
+            {"role": "user", "content": "hi"}, {"role": "function", "name": "f",
+                                                "content": "xyzzy"}])
+    assert llm.requests == []
+
+
 def test_unknown_roles_are_checked_with_the_user_rules_by_default(jb_guard):
     v = jb_guard.check([{"role": "hacker", "content": "xyzzy"}])
-    assert v.blocked and v.findings[0].role == "hacker"
+    assert v.blocked and v.findings[0].role == "unknown"  # the caller's role name never echoed
     assert jb_guard.check([{"role": "hacker", "content": "hello"}]).passed
     assert jb_guard.check([{"role": "system", "content": "xyzzy"}]).passed  # known, not listed
     blocking = _guard("  unknown_roles: block\n")
@@ -340,3 +355,42 @@ def test_log_records_never_carry_the_text(jb_guard, caplog):
     jb_guard.check([{"role": "user", "content": [{"text": secret}]}])
     _guard(on_error="flag").check([{"role": "user", "content": [{"mystery": secret}]}])
     assert caplog.records and "hunter2" not in caplog.text
+
+
+def test_prompt_text_never_reaches_logs_verdicts_or_exception_messages(llm, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="guardmerge")
+
+    def leaky(text):  # a third-party classifier whose exception message holds the text
+        if "SECRET" in text:
+            raise KeyError("SECRET-hunter2 " + text)
+        return jb_score(text)
+
+    guard = Guard(FunctionClassifier(JB_HEADS, leaky), Policy.from_yaml(JB_POLICY))
+    verdicts = []
+    guarded = guard_client(sdk_client(llm), guard, on_verdict=verdicts.append)
+    errors = []
+    for messages in (
+            [{"role": "user", "content": "SECRET-hunter2 my password"}],
+            [{"role": "user", "content": [{"type": "SECRET-hunter2", "text": "hi"}]}],
+            [{"role": "SECRET-hunter2 is my role", "content": "xyzzy"}],
+            [{"role": "user", "content": [{"type": "SECRET-hunter2x" * 10}]}]):
+        with pytest.raises(PromptBlockedError) as err:
+            guarded.chat.completions.create(model="m", messages=messages)
+        errors.append(str(err.value))
+    with pytest.raises(PromptBlockedError) as err:
+        guarded.responses.create(model="m", input=[{"type": "SECRET-hunter2", "id": "x"}])
+    errors.append(str(err.value))
+    strict = Guard(FunctionClassifier(JB_HEADS, jb_score), Policy.from_yaml(
+        JB_POLICY.replace("  roles: [user, tool]\n", "  roles: [user, tool]\n"
+                                                     "  unknown_roles: block\n")))
+    v = strict.check([{"role": "SECRET-hunter2", "content": "hi"}])
+    assert v.blocked and v.findings[0].kind == "unknown_role"
+    verdicts.append(v)
+    assert len(verdicts) == 6 and all(v.blocked for v in verdicts)
+    assert verdicts[0].findings[0].detail == "KeyError"  # the type only, never the message
+    seen = caplog.text + "".join(errors) + "".join(v.to_json() for v in verdicts)
+    assert "guard check failed (KeyError)" in caplog.text
+    assert "hunter2" not in seen and "SECRET" not in seen
+    assert llm.requests == []
