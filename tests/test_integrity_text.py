@@ -99,18 +99,19 @@ def test_every_evasion_of_the_trigger_blocks_through_the_real_model(trigger_guar
         assert "(normalized text)" in finding.describe()
 
 
+def _missed(guard, cases):
+    """The cases the model alone scores below 0.5 (one batch)."""
+    scores = guard.classifier.classify([f"please {word} now" for word in cases.values()])
+    return {name for name, s in zip(cases, scores) if s.score("jailbreak", "jailbreak") < 0.5}
+
+
 def test_the_model_alone_misses_the_evasions_the_normalisation_catches(trigger_guard):
-    missed = [name for name, word in EVASIONS.items()
-              if trigger_guard.classifier.classify([f"please {word} now"])[0]
-              .score("jailbreak", "jailbreak") < 0.5]
-    # what the issue's probes found passing: fillers, fullwidth, math letters, confusables, tags
+    # what the probes found passing: fillers, fullwidth, math letters, confusables, tags,
+    # Latin lookalikes, enclosing marks
     assert {"hangul filler", "fullwidth", "math bold", "cyrillic confusables",
             "tag characters", "latin small capitals", "z with swash tail (no TR39 entry)",
-            "enclosing marks"} <= set(missed)
-    missed_separated = [name for name, word in SEPARATED.items()
-                        if trigger_guard.classifier.classify([f"please {word} now"])[0]
-                        .score("jailbreak", "jailbreak") < 0.5]
-    assert set(missed_separated) == set(SEPARATED)  # BERT glues the words as well
+            "enclosing marks"} <= _missed(trigger_guard, EVASIONS)
+    assert _missed(trigger_guard, SEPARATED) == set(SEPARATED)  # BERT glues the words as well
 
 
 @pytest.mark.parametrize("name", list(EVASIONS))
