@@ -16,6 +16,10 @@ refused; none passes through unguarded by default:
   adds) raises ``UnguardedCallError`` naming the method when called. ``guarded.wrapped`` is the
   unguarded client, for calls you deliberately do not guard.
 
+Parameters outside the API (``extra_body`` keys, unknown keywords) are default-deny for text:
+text fields in ``extra_body`` are checked and sent as the parameter they replace, any other
+value holding text is refused with ``UnguardedCallError`` naming it (see ``_apis``).
+
 The guard acts at the call, never inside the HTTP transport: the SDK retries and re-wraps
 transport exceptions, so a block raised there would be scanned several times and reported as
 a connection error. Works with ``openai.OpenAI`` / ``openai.AsyncOpenAI`` (responses stay SDK
