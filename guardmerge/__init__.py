@@ -43,6 +43,7 @@ _EXPORTS = {
     "CachedClassifier": "guard", "Guard": "guard",
     "Head": "labels",
     "NormalizedText": "normalize", "normalize_text": "normalize",
+    "normalized_forms": "normalize",
     "DirectionRules": "policy", "Policy": "policy", "Rule": "policy",
     "Action": "verdict", "Finding": "verdict", "Verdict": "verdict",
 }
@@ -62,7 +63,7 @@ if _typing.TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
                              UnguardedCallError, UpstreamError, UpstreamTimeout)
     from .guard import CachedClassifier, Guard
     from .labels import Head
-    from .normalize import NormalizedText, normalize_text
+    from .normalize import NormalizedText, normalize_text, normalized_forms
     from .policy import DirectionRules, Policy, Rule
     from .verdict import Action, Finding, Verdict
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Iterable, Mapping
 
-__all__ = ["Message", "TEXT_PARTS", "Unreadable", "get", "normalize_role", "read_messages",
-           "snapshot"]
+__all__ = ["Message", "ROLE_ALIASES", "TEXT_PARTS", "Unreadable", "get", "normalize_role",
+           "read_messages", "snapshot"]
 
 TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
 #: parts that are media: a text classifier cannot read them (policy: ``non_text_parts``)
@@ -57,9 +57,16 @@ def snapshot(value: Any) -> Any:
     return value
 
 
+#: legacy role names read as the current ones: OpenAI's ``function`` messages (function
+#: results, before tools) are tool results
+ROLE_ALIASES = {"function": "tool"}
+
+
 def normalize_role(role: Any) -> str:
-    """Case-insensitive, stripped; cut to 64 characters (a role is a name, never text to log)."""
-    return str(role).strip().lower()[:64]
+    """Case-insensitive, stripped, aliases resolved (``function`` is ``tool``); cut to 64
+    characters. A role the policy does not know is reported as ``unknown``, never echoed."""
+    name = str(role).strip().lower()[:64]
+    return ROLE_ALIASES.get(name, name)
 
 
 @dataclass
@@ -136,4 +143,4 @@ def _read_part(part: Any, texts: list[str], m: Message, where: str) -> None:
         if isinstance(value, str):
             texts.append(value)
     m.unreadable.append(f"{where} has no 'type'" if kind is None else
-                        f"{where} has an unknown type {kind!r:.40}")
+                        f"{where} has a type the guard does not know")  # never echoed: text

@@ -5,12 +5,15 @@ The machine never does I/O. A driver ``feed``s it every item the upstream yields
 ``DONE``:
 
 - ``Check(texts)``: run the guard on these texts and hand the verdict (or the exception the
-  guard raised) to ``checked``;
+  guard raised) to ``checked_result``; a ``Check`` with ``fault`` set stands for an item the
+  reader could not read: its outcome is the policy's error verdict whatever the guard says;
 - ``Emit(items)``: give these items to the caller;
 - ``Blocked(verdict, tail)``: close the upstream; raise, or give the caller ``tail`` (the
   refusal items) and stop.
 
-Text is tracked per *key*: a chat choice index, a Responses output index. An item may go out
+Text is tracked per *key*: one channel of a chat choice or of a Responses output (its content,
+a tool call's arguments, ...); ``label(key)`` is the choice or output index the findings and
+the refusal speak of. An item may go out
 only when every key it carries text for has been checked up to that text (``hold``), and in
 order among the items of the same key; an item of no key (a usage chunk, a whole-response
 event) waits for everything before it and for all text to be checked. A check of one key
@@ -18,6 +21,7 @@ never releases another key's text. A key's window is due when its unchecked text
 ``window_chars``; it is checked with ``overlap_chars`` of already checked text before it. At
 the end every key's whole text is checked once more, as a non-streamed response would be.
 With ``hold=False`` (``stream_mode="release"``) items go out at once and are checked behind.
+An item the reader cannot read (``Touch.unreadable``) is a guard failure: ``on_error``.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Hashable, Iterable
 
+from .exceptions import ClassifierError
 from .verdict import Action, Verdict
 
-__all__ = ["Blocked", "Check", "DONE", "Emit", "NEED_DATA", "StreamMachine", "Touch"]
+__all__ = ["Blocked", "Check", "DONE", "Emit", "NEED_DATA", "StreamMachine", "Touch",
+           "blocked_keys"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class Touch:
     pieces: tuple[tuple[Hashable, str], ...] = ()
     keys: frozenset[Hashable] = frozenset()
     barrier: bool = False
+    unreadable: str | None = None   # why the item cannot be read (never its text)
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class Check:
     keys: list[Hashable]
     lengths: list[int]
     final: bool
+    fault: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,15 @@ NEED_DATA = "need-data"
 DONE = "done"
 
 
+def blocked_keys(verdict: Verdict, every: Iterable[Hashable]) -> set[Hashable]:
+    """The keys (message indices) a blocking verdict withholds: those its block findings name,
+    or ``every`` key when a block finding names none (the guard itself failed) or none does."""
+    blocked = {f.message_index for f in verdict.findings if f.action is Action.BLOCK}
+    if None in blocked or not blocked:
+        return set(every)
+    return blocked
+
+
 @dataclass
 class _Held:
     item: Any
@@ -72,16 +89,20 @@ class _Held:
 
 
 class StreamMachine:
-    """See the module doc. ``read(item) -> Touch``; ``tail(verdict, blocked_keys, released_keys,
-    keys) -> items`` builds the refusal; ``error(exc) -> Verdict`` is the policy's verdict for
-    a guard that raised."""
+    """See the module doc. ``read(item) -> Touch``; ``tail(verdict, blocked, released, keys)
+    -> items`` builds the refusal (all three in labels); ``error(exc) -> Verdict`` is the
+    policy's verdict for a guard that raised; ``label(key)``: the message index of a key
+    (default: the key itself)."""
 
     def __init__(self, read: Callable[[Any], Touch], *, window_chars: int, overlap_chars: int,
                  hold: bool, tail: Callable[..., list[Any]],
-                 error: Callable[[BaseException], Verdict]) -> None:
+                 error: Callable[[BaseException], Verdict],
+                 label: Callable[[Hashable], Any] | None = None) -> None:
         self._read = read
         self._tail = tail
         self._error = error
+        self._label = label or (lambda key: key)
+        self._faults: list[str] = []
         self.window_chars = window_chars
         self.overlap_chars = overlap_chars
         self.hold = hold
@@ -106,6 +127,8 @@ class StreamMachine:
         if self._stopped or self._ended:
             raise RuntimeError("feed() after the stream stopped")
         touch = self._read(item)
+        if touch.unreadable is not None:
+            self._faults.append(touch.unreadable)
         for key, piece in touch.pieces:
             if piece:
                 self.text[key] = self.text.get(key, "") + piece
@@ -126,24 +149,27 @@ class StreamMachine:
         check, self._awaiting = self._awaiting, None
         if check is None:
             raise RuntimeError("checked_result() without a pending Check")
-        if isinstance(result, BaseException):
+        if check.fault is not None:  # the item could not be read, whatever the guard said
+            verdict = self._error(ClassifierError(f"{check.fault}: the guard cannot read it"))
+        elif isinstance(result, BaseException):
             verdict = self._error(result)
         else:
             verdict = result
             verdict.findings = [
-                replace(f, message_index=check.keys[f.message_index])
+                replace(f, message_index=self._label(check.keys[f.message_index]))
                 if f.message_index is not None and 0 <= f.message_index < len(check.keys)
                 else f for f in verdict.findings]
         self.verdict = verdict
         if check.final:
             self._final_done = True
         if verdict.blocked:
-            blocked = {f.message_index for f in verdict.findings if f.action is Action.BLOCK}
-            if None in blocked or not blocked:  # the guard failed: every key is withheld
-                blocked = set(self.text) | {k for h in self.held for k in h.deps}
+            label = self._label
+            every = {label(k) for k in self.text} | {label(k) for h in self.held for k in h.deps}
+            blocked = blocked_keys(verdict, every)
             self.held = []
-            self._outcome = Blocked(verdict, self._tail(verdict, blocked, set(self.released),
-                                                        list(self.text)))
+            keys = list(dict.fromkeys(label(k) for k in self.text))
+            self._outcome = Blocked(verdict, self._tail(verdict, blocked,
+                                                        {label(k) for k in self.released}, keys))
             return verdict
         for key, length in zip(check.keys, check.lengths):
             self.checked[key] = max(self.checked.get(key, 0), length)
@@ -160,6 +186,10 @@ class StreamMachine:
             return outcome
         if self._stopped:
             return DONE
+        if self._faults:
+            self._awaiting = Check(texts=[], keys=[], lengths=[], final=False,
+                                   fault=self._faults.pop(0))
+            return self._awaiting
         if not self.hold and self.held:
             return self._emit(list(self.held))
         if not self._ended:

@@ -414,7 +414,7 @@ class BundleClassifier(Classifier):
         try:
             encodings = self._encoder.encode_batch(texts, add_special_tokens=False) if texts else []
         except Exception as exc:
-            raise ClassifierError(f"tokenisation failed: {exc}") from exc
+            raise ClassifierError(f"tokenisation failed ({type(exc).__name__})") from exc
         items: list[tuple[int, int, list[int]]] = []  # (text, window, ids)
         per_text: list[tuple[list[Window], int, int, int]] = []
         for ti, enc in enumerate(encodings):
@@ -462,7 +462,8 @@ class BundleClassifier(Classifier):
                     for row, (ti, wi, _) in enumerate(batch):
                         results[(ti, wi)] = rows[row]
         except Exception as exc:
-            raise ClassifierError(f"guard model forward pass failed: {exc}") from exc
+            raise ClassifierError(f"guard model forward pass failed ({type(exc).__name__})") \
+                from exc
         self.stats.add(len({ti for ti, _, _ in items}), len(items), passes)
         return results
 

@@ -16,6 +16,10 @@ refused; none passes through unguarded by default:
   adds) raises ``UnguardedCallError`` naming the method when called. ``guarded.wrapped`` is the
   unguarded client, for calls you deliberately do not guard.
 
+Parameters outside the API (``extra_body`` keys, unknown keywords) are default-deny for text:
+text fields in ``extra_body`` are checked and sent as the parameter they replace, any other
+value holding text is refused with ``UnguardedCallError`` naming it (see ``_apis``).
+
 The guard acts at the call, never inside the HTTP transport: the SDK retries and re-wraps
 transport exceptions, so a block raised there would be scanned several times and reported as
 a connection error. Works with ``openai.OpenAI`` / ``openai.AsyncOpenAI`` (responses stay SDK
@@ -31,6 +35,7 @@ A raw HTTP response cannot be rewritten, so through ``with_raw_response`` /
 
 from __future__ import annotations
 
+import inspect
 import logging
 from enum import Enum
 from typing import Any, AsyncIterator, Callable, Iterator, Literal, Mapping
@@ -135,14 +140,17 @@ class _Core:
             return response
         if self.on_block == "raise" or mode is not None:
             raise ResponseBlockedError(verdict)
-        return api.refuse_output(response, verdict, self.refusal_message)
+        try:
+            return api.refuse_output(response, verdict, self.refusal_message)
+        except Exception:  # a response it cannot rebuild (not a mapping or an SDK model)
+            raise ResponseBlockedError(verdict) from None
 
     def machine(self, api: API) -> StreamMachine:
         """A fresh hold-back machine for one stream of ``api``."""
         reader = api.reader(self.tool_calls, self.refusal_message, self.sdk_types)
         return StreamMachine(reader.read, window_chars=self.window_chars,
                              overlap_chars=self.overlap_chars, hold=self.stream_mode == "hold",
-                             tail=reader.tail,
+                             tail=reader.tail, label=reader.label,
                              error=lambda exc: self.guard.policy.error_verdict("output", exc))
 
 
@@ -327,8 +335,15 @@ class _GuardedRawStream:
         self._raw = raw
         self._stream = stream
         self._label = label
+        # the SDK's async streaming response has ``async def parse``: ``await resp.parse()``
+        self._awaitable = inspect.iscoroutinefunction(getattr(raw, "parse", None))
 
     def parse(self, **_: Any) -> Any:
+        if self._awaitable:
+            return self._parsed()
+        return self._stream
+
+    async def _parsed(self) -> Any:
         return self._stream
 
     def close(self) -> Any:
@@ -354,7 +369,7 @@ class _StreamedResponse:
     def __enter__(self) -> Any:
         call = self._call
         kwargs, _ = call.check_prompt(self._kwargs)  # a block raises: the mode is not plain
-        self._cm = call.fn(**kwargs)
+        self._cm = call._sync_result(call._fn(**kwargs))
         response = self._cm.__enter__()
         try:
             return call.finish(response.parse(), kwargs, response)
@@ -368,7 +383,7 @@ class _StreamedResponse:
     async def __aenter__(self) -> Any:
         call = self._call
         kwargs, _ = await call.acheck_prompt(self._kwargs)
-        self._cm = call.fn(**kwargs)
+        self._cm = call._fn(**kwargs)
         response = await self._cm.__aenter__()
         try:
             return await call.afinish(await response.parse(), kwargs, response)
@@ -384,11 +399,30 @@ class _StreamedResponse:
 
 
 class _Call:
-    """One guarded method: ``fn`` is the SDK's, ``mode`` None (plain) or a wrapper name."""
+    """One guarded method: ``_fn`` is the SDK's (private: ``guarded.wrapped`` is the one way
+    around the guard), ``mode`` None (plain) or a wrapper name."""
 
     def __init__(self, core: _Core, api: API, fn: Callable[..., Any], mode: str | None,
                  label: str) -> None:
-        self.core, self.api, self.fn, self.mode, self.label = core, api, fn, mode, label
+        self.core, self.api, self._fn, self.mode, self.label = core, api, fn, mode, label
+
+    def _sync_result(self, result: Any) -> Any:
+        """The upstream's result on the sync path: an awaitable means the client is async but
+        was not recognised as such (a wrapper around ``AsyncOpenAI``, say); it is an error,
+        never a response to check (it would read as no text, and pass)."""
+        if inspect.isawaitable(result):
+            close = getattr(result, "close", None)
+            if callable(close):
+                close()  # a coroutine never awaited: nothing was sent
+            raise ConfigError(f"{self.label}() returned an awaitable: the client is asynchronous "
+                              "but guard_client did not recognise it; pass is_async=True")
+        return result
+
+    async def _async_result(self, result: Any) -> Any:
+        if not inspect.isawaitable(result):
+            raise ConfigError(f"{self.label}() returned a {type(result).__name__}, not an "
+                              "awaitable: the client is synchronous; pass is_async=False")
+        return await result
 
     def _stream(self, upstream: Any) -> Any:
         cls = AsyncGuardedStream if self.core.is_async else GuardedStream
@@ -441,7 +475,7 @@ class _Call:
         kwargs, early = self.check_prompt(kwargs)
         if early is not None:
             return self._early_result(kwargs, early)
-        result = self.fn(**kwargs)
+        result = self._sync_result(self._fn(**kwargs))
         if self.mode == "with_raw_response":
             return self.finish(result.parse(), kwargs, result)
         return self.finish(result, kwargs)
@@ -450,7 +484,7 @@ class _Call:
         kwargs, early = await self.acheck_prompt(kwargs)
         if early is not None:
             return self._early_result(kwargs, early)
-        result = await self.fn(**kwargs)
+        result = await self._async_result(self._fn(**kwargs))
         if self.mode == "with_raw_response":
             return await self.afinish(result.parse(), kwargs, result)
         return await self.afinish(result, kwargs)
@@ -533,18 +567,52 @@ class GuardedClient(_Namespace):
         """The unguarded client (for calls you deliberately do not guard)."""
         return self._target
 
+    def __enter__(self) -> "GuardedClient":
+        """``with guard_client(OpenAI(), guard) as client:``: enters (and on exit closes) the
+        wrapped client; ``client`` is the guarded one."""
+        self._target.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._target.__exit__(*exc)
+
 
 class AsyncGuardedClient(GuardedClient):
     """A guarded asynchronous client; ``await guarded.chat.completions.create(...)``."""
 
+    async def __aenter__(self) -> "AsyncGuardedClient":
+        """``async with guard_client(AsyncOpenAI(), guard) as client:`` (see ``__enter__``)."""
+        await self._target.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        return await self._target.__aexit__(*exc)
+
+
+def _openai_async(obj: Any) -> bool:
+    return any(cls.__name__.startswith("Async") and cls.__module__.startswith("openai")
+               for cls in type(obj).__mro__)
+
 
 def _is_async(client: Any) -> bool:
+    """Whether ``client`` is asynchronous: guardmerge's or openai's async client, or a client
+    (a tracing wrapper, say) whose resources are openai's async ones or whose text-generating
+    method is a coroutine function. ``guard_client(is_async=...)`` overrides it."""
     from ._http import AsyncChatClient
 
-    if isinstance(client, AsyncChatClient):
+    if isinstance(client, AsyncChatClient) or _openai_async(client):
         return True
-    return any(cls.__name__.startswith("Async") and cls.__module__.startswith("openai")
-               for cls in type(client).__mro__)
+    for path in (("chat", "completions", "create"), ("responses", "create")):
+        obj = client
+        try:
+            for name in path:
+                obj = getattr(obj, name)
+                if _openai_async(obj):
+                    return True
+        except Exception:  # noqa: BLE001 - a client without this route
+            continue
+        return inspect.iscoroutinefunction(inspect.unwrap(obj))
+    return False
 
 
 def guard_client(client: Any, guard: Guard, *, on_block: OnBlock = "raise",

@@ -146,3 +146,12 @@ class PromptBlockedError(BlockedError):
 
 class ResponseBlockedError(BlockedError):
     """The model's response was blocked."""
+
+
+def error_detail(error: BaseException) -> str:
+    """How a guard failure is reported (findings, logs, exception messages): guardmerge's own
+    errors with their message, which never carries the text being checked; any other error by
+    its type name only, because its message may (``KeyError(text)``)."""
+    if isinstance(error, GuardmergeError):
+        return f"{type(error).__name__}: {error}"
+    return type(error).__name__

@@ -7,8 +7,8 @@ text.
 
 What a check does, in order: read every message once (``_messages``: roles case-insensitive,
 every content part accounted for); pick the texts the policy's roles ask for (a role outside
-the known ones follows ``input.unknown_roles``); normalise each text (``normalize_text``) and
-score the original and, where it differs, the normalised form in one batch; validate what the
+the known ones follows ``input.unknown_roles``); normalise each text (``normalized_forms``) and
+score the original and every normalised form that differs from it in one batch; validate what the
 classifier returned (count, heads, labels, finite probabilities); turn the scores into a
 verdict. Anything that goes wrong on the way, a classifier that raises, returns a malformed
 result or takes longer than the timeout, gives the policy's ``on_error`` verdict.
@@ -22,13 +22,14 @@ import hashlib
 import logging
 import os
 import threading
+import traceback
 from collections import OrderedDict
 from typing import Any, Iterable, Sequence
 
 from ._messages import read_messages
 from .classifier import BundleClassifier, Classifier, TextScores, validate_scores
-from .exceptions import ClassifierError, ConfigError, GuardmergeError
-from .normalize import NormalizedText, normalize_text
+from .exceptions import ClassifierError, ConfigError, GuardmergeError, error_detail
+from .normalize import NormalizedText, normalized_forms
 from .policy import ROLES, Policy, Target
 from .verdict import Action, Finding, Verdict
 
@@ -145,12 +146,14 @@ class Guard:
             if direction == "output":
                 rules_role = "assistant"
             elif m.role not in ROLES:
+                m.role = "unknown"  # reported so: a role name the caller chose is never echoed
                 if section.unknown_roles == "pass":
                     continue
                 if section.unknown_roles == "block":
                     extra.append(Finding(kind="unknown_role", action=Action.BLOCK,
                                          message_index=m.index, role=m.role,
-                                         detail=f"role {m.role!r} is not one the policy knows"))
+                                         detail="the message's role is not one the policy "
+                                                "knows"))
                     continue
                 rules_role = "user"
             elif m.role not in section.roles:
@@ -179,16 +182,16 @@ class Guard:
         return verdict
 
     def _score(self, picked: Sequence[tuple[int, str, str, str]]) -> list[Target]:
-        """Score each text, and its normalised form where that differs, in one batch."""
-        forms: list[NormalizedText] = [normalize_text(text) for *_, text in picked]
-        texts = [text for *_, text in picked] + [f.text for f in forms if f.changed]
+        """Score each text, and each of its normalised forms that differs, in one batch."""
+        forms: list[tuple[NormalizedText, ...]] = [normalized_forms(text) for *_, text in picked]
+        texts = [text for *_, text in picked] + [f.text for fs in forms for f in fs]
         scores = self.scorer.classify(texts, max_tokens=self.policy.max_tokens)
         validate_scores(scores, len(texts), self.classifier.heads, self.classifier.name)
         targets = [Target(i, role, s, None, rules_role)
                    for (i, role, rules_role, _), s in zip(picked, scores)]
         extra = iter(scores[len(picked):])
         targets += [Target(i, role, next(extra), form, rules_role)
-                    for (i, role, rules_role, _), form in zip(picked, forms) if form.changed]
+                    for (i, role, rules_role, _), fs in zip(picked, forms) for form in fs]
         return targets
 
     def _run(self, fn: Any, *args: Any) -> Any:
@@ -230,9 +233,16 @@ class Guard:
         return self.check([{"role": role, "content": text}], direction=direction)
 
     def _failed(self, direction: str, exc: BaseException) -> Verdict:
-        """The ``on_error`` verdict. The log names the error type and message only: errors from
-        the guard's own code never carry the text they were checking."""
-        level = logging.WARNING if isinstance(exc, GuardmergeError) else logging.ERROR
-        logger.log(level, "guard check failed (%s); applying on_error=%s", exc,
-                   self.policy.on_error.value, exc_info=not isinstance(exc, GuardmergeError))
+        """The ``on_error`` verdict. Logged with ``error_detail``: guardmerge's own messages
+        (which never carry the text being checked), a third-party error by its type only (its
+        message, and so a traceback, may hold the text: ``KeyError(text)``); where it was
+        raised goes to the DEBUG log as stack frames, without the message or any values."""
+        own = isinstance(exc, GuardmergeError)
+        logger.log(logging.WARNING if own else logging.ERROR,
+                   "guard check failed (%s); applying on_error=%s", error_detail(exc),
+                   self.policy.on_error.value)
+        if not own and logger.isEnabledFor(logging.DEBUG):
+            logger.debug("guard check failure raised at: %s", " <- ".join(
+                f"{f.filename}:{f.lineno} in {f.name}"
+                for f in reversed(traceback.extract_tb(exc.__traceback__))))
         return self.policy.error_verdict(direction, exc)

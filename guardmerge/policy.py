@@ -11,7 +11,8 @@ A policy (see ``policies/*.yaml``)::
     refusal_message: "..."      # text a refusing client wrapper returns
     timeout: 5                  # seconds a check may take; longer is a guard failure (null: none)
     input:                      # prompts
-      roles: [user, tool]       # which message roles are checked (case-insensitive)
+      roles: [user, tool]       # which message roles are checked (case-insensitive; the
+                                # legacy ``function`` role is ``tool``)
       unknown_roles: check      # a role outside system/developer/user/assistant/tool/function:
                                 # check (with the user rules) | block | pass
       rules:
@@ -28,8 +29,8 @@ A policy (see ``policies/*.yaml``)::
 
 A rule fires for a message when a listed label's score (its maximum over the message's windows)
 reaches a threshold. The verdict is the most severe action of any finding. When a text's
-normalised form (``guardmerge.normalize_text``) differs, both forms are scored and each rule
-keeps its worse finding; ``Finding.form`` says which form fired. Content the guard cannot read
+normalised forms (``guardmerge.normalized_forms``) differ from it, every form is scored and
+each rule keeps its worse finding; ``Finding.form`` says which form fired. Content the guard cannot read
 gets ``on_error``: never a silent pass.
 """
 
@@ -41,7 +42,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple, Sequence
 
 from ._validate import Checker, load_yaml, parse_yaml
-from .exceptions import ConfigError, PolicyError
+from ._messages import normalize_role
+from .exceptions import ConfigError, PolicyError, error_detail
 from .labels import Head
 from .verdict import Action, Finding, Verdict
 
@@ -190,9 +192,9 @@ class Policy:
         """Turn scored messages into a verdict.
 
         ``targets``: a ``Target`` (or ``(message_index, role, TextScores)``) for every scored
-        text; a target with ``normalized`` set holds the scores of that message's normalised
-        form, and its findings' spans are mapped back to the original characters. Each rule
-        keeps its worse finding per message over both forms. ``extra``: findings made outside
+        text; a target with ``normalized`` set holds the scores of one of that message's
+        normalised forms, and its findings' spans are mapped back to the original characters.
+        Each rule keeps its worse finding per message over all forms. ``extra``: findings made outside
         the model (non-text parts, unreadable content, unknown roles).
         """
         section = self.rules(direction)
@@ -201,7 +203,7 @@ class Policy:
         for target in targets:
             t = target if isinstance(target, Target) else Target(*target)
             scores, norm = t.scores, t.normalized
-            form = "original" if norm is None else "normalized"
+            form = "original" if norm is None else norm.form
             span = (lambda a, b: (a, b)) if norm is None else norm.original_span
             if include_scores and norm is None:
                 score_dump.append({h: dict(hs.scores) for h, hs in scores.heads.items()})
@@ -233,7 +235,7 @@ class Policy:
 
     def error_verdict(self, direction: str, error: BaseException) -> Verdict:
         """The verdict when the guard itself failed: ``on_error`` (block unless told otherwise)."""
-        detail = f"{type(error).__name__}: {error}"
+        detail = error_detail(error)  # never the message of a third-party error: text
         return Verdict(action=self.on_error, direction=direction, policy=self.name,
                        findings=[Finding(kind="error", action=self.on_error, detail=detail)])
 
@@ -244,23 +246,29 @@ class Target(NamedTuple):
     index: int
     role: str
     scores: "TextScores"
-    normalized: "NormalizedText | None" = None   # set: these are the normalised form's scores
+    normalized: "NormalizedText | None" = None   # set: the scores of this normalised form
     rules_role: str | None = None                # the role whose rules apply (default: role)
+
+
+_FORM_RANK = {"original": 2, "normalized": 1}   # on a tie, the plainest form is reported
 
 
 def _worst_per_rule(findings: list[Finding]) -> list[Finding]:
     """Per (kind, message, rule, label): the most severe finding, then the highest score, the
-    original form before the normalised one. Other findings are kept as they are."""
+    original form before the normalised ones. Other findings are kept as they are."""
     best: dict[tuple[Any, ...], Finding] = {}
     out: list[Finding] = []
+
+    def rank(f: Finding) -> tuple[int, float, int]:
+        return (f.action.severity, f.score or 0.0, _FORM_RANK.get(f.form or "", 0))
+
     for f in findings:
         if f.kind not in ("rule", "too_long"):
             out.append(f)
             continue
         key = (f.kind, f.message_index, f.rule, f.label)
-        rank = (f.action.severity, f.score or 0.0, f.form == "original")
         old = best.get(key)
-        if old is None or rank > (old.action.severity, old.score or 0.0, old.form == "original"):
+        if old is None or rank(f) > rank(old):
             best[key] = f
     return out + list(best.values())
 
@@ -278,7 +286,7 @@ def _direction(c: Checker, value: Any, direction: str) -> DirectionRules:
     if "roles" in sec:
         got = c.string_list(sec["roles"], f"{direction}.roles")
         if got is not None:
-            got = [r.strip().lower() for r in got]
+            got = list(dict.fromkeys(normalize_role(r) for r in got))  # function is tool
             bad = [r for r in got if r not in ROLES]
             for r in bad:
                 c.add(f"{direction}.roles", f"unknown role {r!r} (known: {', '.join(ROLES)})")
@@ -335,7 +343,7 @@ def _rule(c: Checker, raw: Any, path: str, direction: str, roles: tuple[str, ...
     if "roles" in r:
         got = c.string_list(r["roles"], f"{path}.roles")
         if got is not None:
-            got = [role.strip().lower() for role in got]
+            got = list(dict.fromkeys(normalize_role(role) for role in got))
             for role in got:
                 if role not in ROLES:
                     c.add(f"{path}.roles", f"unknown role {role!r} (known: {', '.join(ROLES)})")

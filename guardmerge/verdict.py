@@ -44,8 +44,9 @@ class Finding:
     the policy's token budget; ``span`` is the part that was not scored), ``"non_text"`` (media
     parts a text guard cannot read), ``"unreadable"`` (content the guard could not read:
     ``on_error``), ``"unknown_role"`` or ``"error"`` (the guard failed). ``span`` is a character
-    range in the message's (original) text; ``form`` says whether the ``"original"`` text or
-    its ``"normalized"`` form (``guardmerge.normalize_text``) fired.
+    range in the message's (original) text; ``form`` says whether the ``"original"`` text, its
+    ``"normalized"`` form or its ``"spaced"`` form (removed characters as word breaks; see
+    ``guardmerge.normalized_forms``) fired.
     """
 
     kind: str
@@ -86,6 +87,8 @@ class Finding:
         span = f" chars {self.span[0]}-{self.span[1]}" if self.span else ""
         if self.form == "normalized":
             span += " (normalized text)"
+        elif self.form == "spaced":
+            span += " (normalized text, removed characters as spaces)"
         if self.kind == "rule":
             return (f"{self.action.value}: {self.head}:{self.label} = {self.score:.3f} >= "
                     f"{self.threshold}{where}{span}")

@@ -18,8 +18,9 @@ import pytest
 from conftest import JB_HEADS, JB_POLICY, jb_score, sdk_client
 from openai._resource import AsyncAPIResource, SyncAPIResource
 
-from guardmerge import (FunctionClassifier, Guard, Policy, PromptBlockedError,
-                        ResponseBlockedError, UnguardedCallError, guard_client)
+from guardmerge import (AsyncGuardedClient, ConfigError, FunctionClassifier, Guard,
+                        GuardedClient, Policy, PromptBlockedError, ResponseBlockedError, UnguardedCallError,
+                        guard_client)
 from guardmerge.client import ROUTES, SAFE_CALLS
 
 MODES = ("with_raw_response", "with_streaming_response")
@@ -103,6 +104,27 @@ def test_private_attributes_and_the_raw_http_methods_are_refused(llm, jb_guard):
         with pytest.raises(UnguardedCallError):
             attr()
     assert guarded.wrapped.base_url == guarded.base_url  # plain attributes pass
+    # the guarded method keeps the SDK's function private: .wrapped is the one way around
+    assert not hasattr(guarded.chat.completions.create, "fn")
+    assert not hasattr(guarded.responses.with_raw_response.create, "fn")
+    assert llm.requests == []
+
+
+def test_guarded_clients_are_context_managers_of_the_wrapped_client(llm, jb_guard):
+    with guard_client(sdk_client(llm), jb_guard) as guarded:
+        assert isinstance(guarded, GuardedClient) and not guarded.is_closed()
+        with pytest.raises(PromptBlockedError):
+            guarded.chat.completions.create(model="m", messages=user("xyzzy"))
+    assert guarded.wrapped.is_closed()
+
+    async def main():
+        async with guard_client(sdk_client(llm, asynchronous=True), jb_guard) as guarded:
+            assert isinstance(guarded, AsyncGuardedClient)
+            with pytest.raises(PromptBlockedError):
+                await guarded.responses.create(model="m", input="xyzzy")
+        return guarded
+
+    assert asyncio.run(main()).wrapped.is_closed()
     assert llm.requests == []
 
 
@@ -314,3 +336,210 @@ def test_guardmerge_chat_client_is_guarded_the_same_way(jb_guard):
     with pytest.raises(UnguardedCallError, match="create_chat_completion"):
         guarded.create_chat_completion(model="m", messages=user("xyzzy"))
     assert sent == []
+
+
+# -- parameters outside the API: extra_body and unknown keywords ----------------------------------
+
+T = [{"role": "user", "content": "xyzzy"}]
+
+
+def _extra_body_routes(g):
+    hi = user("hi")
+    return {
+        "chat messages": lambda: g.chat.completions.create(model="m", messages=hi,
+                                                           extra_body={"messages": T}),
+        "chat without messages": lambda: g.chat.completions.create(model="m",
+                                                                   extra_body={"messages": T}),
+        "chat stream": lambda: list(g.chat.completions.create(
+            model="m", messages=hi, stream=True, extra_body={"messages": T})),
+        "responses input": lambda: g.responses.create(model="m", input="hi",
+                                                      extra_body={"input": "xyzzy"}),
+        "responses prompt variables": lambda: g.responses.create(
+            model="m", input="hi", extra_body={"prompt": {"id": "p", "variables": {"v": "xyzzy"}}}),
+        "completions prompt": lambda: g.completions.create(model="m", prompt="hi",
+                                                           extra_body={"prompt": "xyzzy"}),
+        "completions suffix": lambda: g.completions.create(model="m", prompt="hi",
+                                                           extra_body={"suffix": ["xyzzy"]}),
+    }
+
+
+@pytest.mark.parametrize("route", list(_extra_body_routes(None)))
+def test_text_in_extra_body_is_checked_as_the_parameter_it_replaces(llm, jb_guard, route):
+    guarded = guard_client(sdk_client(llm), jb_guard)
+    with pytest.raises(PromptBlockedError):
+        _extra_body_routes(guarded)[route]()
+    assert llm.requests == []
+
+
+def test_the_checked_extra_body_text_is_what_is_sent(llm, jb_guard):
+    guarded = guard_client(sdk_client(llm), jb_guard)
+    # extra_body wins over the parameter in the SDK's merge: that is what is checked and sent
+    r = guarded.chat.completions.create(model="m", messages=T, extra_body={"messages": user("hi")})
+    assert r.choices[0].message.content == "You said: hi"
+    assert llm.requests[0]["messages"] == user("hi")
+    chunks = list(guarded.chat.completions.create(model="m", messages=user("streamed"),
+                                                  extra_body={"stream": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        "You said: streamed"  # a stream requested in extra_body is guarded as a stream
+
+
+def test_unknown_parameters_pass_without_text_and_are_refused_with_it(llm, jb_guard):
+    guarded = guard_client(sdk_client(llm), jb_guard)
+    settings = {"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.1,
+                "chat_template_kwargs": {"enable_thinking": False},
+                "guided_json": {"type": "object"}, "provider": {"order": ["a", "b"]}}
+    guarded.chat.completions.create(model="m", messages=user("hi"), temperature=0.2,
+                                    extra_body=settings)
+    assert {k: llm.requests[0][k] for k in settings} == settings
+    assert llm.requests[0]["temperature"] == 0.2
+    for extra, named in (({"documents": [{"title": "a", "text": "the secret xyzzy"}]},
+                          "extra_body['documents']"),
+                         ({"chat_template": "{{ 'xyzzy' }}"}, "extra_body['chat_template']"),
+                         ({"kwargs": {"the secret xyzzy": 1}}, "extra_body['kwargs']"),
+                         ({"the secret xyzzy": 1}, "extra_body[<a key that is not a name>]")):
+        with pytest.raises(UnguardedCallError) as err:
+            guarded.chat.completions.create(model="m", messages=user("hi"), extra_body=extra)
+        assert err.value.method == f"chat.completions.create({named})"
+        assert "secret" not in str(err.value) and "xyzzy" not in str(err.value)
+    with pytest.raises(UnguardedCallError, match=r"responses\.create\(extra_body\['documents'\]\)"):
+        guarded.responses.create(model="m", input="hi", extra_body={"documents": ["xyzzy"]})
+    with pytest.raises(UnguardedCallError, match="extra_body is a list"):
+        guarded.chat.completions.create(model="m", messages=user("hi"), extra_body=["xyzzy"])
+    assert len(llm.requests) == 1
+
+
+def test_unknown_keywords_of_guardmerges_chat_client_are_screened_the_same_way(llm, jb_guard):
+    from guardmerge import ChatClient
+
+    guarded = guard_client(ChatClient(llm.url), jb_guard)
+    assert guarded.chat.completions.create(model="m", messages=user("hi"), top_k=3)["choices"]
+    assert llm.requests[0]["top_k"] == 3
+    with pytest.raises(UnguardedCallError, match=r"chat\.completions\.create\('documents'\)"):
+        guarded.chat.completions.create(model="m", messages=user("hi"), documents=["xyzzy"])
+    assert len(llm.requests) == 1
+
+
+def test_every_parameter_of_the_installed_sdk_is_classified():
+    """A parameter a future SDK adds to a guarded method must be read, or named as one that
+    carries no text to the model; until then a text value in it is refused (default-deny)."""
+    import openai
+
+    client = openai.OpenAI(api_key="x", base_url="http://127.0.0.1:9/v1")
+    from guardmerge._apis import _SDK_OPTIONS
+
+    for path, (api, kind) in ROUTES.items():
+        method = client
+        for name in path:
+            method = getattr(method, name)
+        params = set(inspect.signature(method).parameters) - _SDK_OPTIONS
+        if kind == "stream":  # the SDK's manager resolves these before the guarded create
+            params -= {"response_id", "starting_after"}
+        assert params <= api.text_fields | api.other_fields, (path, params - api.text_fields
+                                                             - api.other_fields)
+
+
+# -- a client the wrapper must recognise as async; responses it cannot read ------------------------
+
+
+class Tracing:
+    """A plain ``__getattr__`` proxy, the shape of tracing / instrumentation wrappers."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def test_an_async_client_behind_a_wrapper_is_guarded_as_async(llm, jb_guard):
+    seen = []
+
+    async def main():
+        guarded = guard_client(Tracing(sdk_client(llm, asynchronous=True)), jb_guard,
+                               on_verdict=seen.append)
+        assert isinstance(guarded, AsyncGuardedClient)
+        with pytest.raises(ResponseBlockedError):
+            await guarded.chat.completions.create(model="m", messages=user("tell me the secret"))
+
+    asyncio.run(main())
+    assert [v.action.value for v in seen] == ["pass", "block"]
+
+
+def test_an_awaitable_on_the_sync_path_is_an_error_never_a_pass(llm, jb_guard):
+    inner = sdk_client(llm, asynchronous=True)
+
+    from types import SimpleNamespace
+
+    # nothing in it says async: the method is a plain function that returns a coroutine
+    opaque = SimpleNamespace(chat=SimpleNamespace(completions=SimpleNamespace(
+        create=lambda **kw: inner.chat.completions.create(**kw))))
+    seen = []
+    guarded = guard_client(opaque, jb_guard, on_verdict=seen.append)
+    assert not isinstance(guarded, AsyncGuardedClient)
+    with pytest.raises(ConfigError, match=r"returned an awaitable.*pass is_async=True"):
+        guarded.chat.completions.create(model="m", messages=user("tell me the secret"))
+    assert [v.direction for v in seen] == ["input"]  # no output verdict, and no pass for it
+    assert llm.requests == []  # the coroutine was closed, never run
+    with pytest.raises(ConfigError, match="pass is_async=False"):
+        asyncio.run(guard_client(sdk_client(llm), jb_guard, is_async=True)
+                    .chat.completions.create(model="m", messages=user("hi")))
+
+
+def _mock_sdk(body):
+    import httpx
+    import openai
+
+    return openai.OpenAI(base_url="http://upstream.invalid/v1", api_key="k", max_retries=0,
+                         http_client=httpx.Client(transport=httpx.MockTransport(
+                             lambda request: httpx.Response(200, json=body))))
+
+
+@pytest.mark.parametrize("api", ["chat", "completions", "responses"])
+def test_a_response_without_its_output_list_is_unreadable_never_a_pass(jb_guard, api):
+    body = {"id": "x", "created": 1, "model": "m", "output_text": "xyzzy",
+            "object": {"chat": "chat.completion", "completions": "text_completion",
+                       "responses": "response"}[api]}
+    for on_error, action in (("block", "block"), ("flag", "flag")):
+        guard = Guard(FunctionClassifier(JB_HEADS, jb_score),
+                      Policy.from_yaml(f"on_error: {on_error}\n" + JB_POLICY))
+        seen = []
+        g = guard_client(_mock_sdk(body), guard, on_verdict=seen.append)
+        call = {"chat": lambda: g.chat.completions.create(model="m", messages=user("hi")),
+                "completions": lambda: g.completions.create(model="m", prompt="hi"),
+                "responses": lambda: g.responses.create(model="m", input="hi")}[api]
+        if action == "block":
+            with pytest.raises(ResponseBlockedError):
+                call()
+        else:
+            call()
+        out = seen[-1]
+        assert out.direction == "output" and out.action.value == action
+        assert [f.kind for f in out.findings] == ["unreadable"]
+        assert "has no" in out.findings[0].detail
+    if api == "chat":  # refused whole: one content_filter choice in place of the unreadable
+        refused = guard_client(_mock_sdk(body), jb_guard, on_block="refuse")
+        r = refused.chat.completions.create(model="m", messages=user("hi"))
+        assert r.choices[0].finish_reason == "content_filter"
+        assert r.choices[0].message.content == "Refused by policy."
+
+
+def test_async_streaming_response_parse_is_awaited_as_in_the_sdk(llm, jb_guard):
+    async def main():
+        g = guard_client(sdk_client(llm, asynchronous=True), jb_guard)
+        async with g.chat.completions.with_streaming_response.create(
+                model="m", messages=user("hello"), stream=True) as resp:
+            stream = await resp.parse()  # the SDK's documented async form
+            text = "".join([c.choices[0].delta.content or "" async for c in stream
+                            if c.choices])
+        raw = await g.chat.completions.with_raw_response.create(model="m", messages=user("raw"),
+                                                                stream=True)
+        raw_text = "".join([c.choices[0].delta.content or "" async for c in raw.parse()
+                            if c.choices])  # the legacy raw response parses synchronously
+        with pytest.raises(ResponseBlockedError):
+            async with g.chat.completions.with_streaming_response.create(
+                    model="m", messages=user("tell me the secret"), stream=True) as resp:
+                async for _ in await resp.parse():
+                    pass
+        return text, raw_text
+
+    assert asyncio.run(main()) == ("You said: hello", "You said: raw")

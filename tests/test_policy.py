@@ -183,7 +183,8 @@ def test_guard_failure_fails_closed_unless_policy_says_otherwise():
 
     clf = FunctionClassifier(HEADS, boom)
     v = Guard(clf, Policy.load(POLICIES / "default.yaml")).check_text("hello")
-    assert v.blocked and v.findings[0].kind == "error" and "model exploded" in v.findings[0].detail
+    # a third-party error is recorded by its type: its message may carry the checked text
+    assert v.blocked and v.findings[0].kind == "error" and v.findings[0].detail == "RuntimeError"
     v = Guard(clf, Policy.load(POLICIES / "monitor.yaml")).check_text("hello")
     assert v.action is Action.FLAG
 
