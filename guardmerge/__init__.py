@@ -33,7 +33,8 @@ _EXPORTS = {
     "FunctionClassifier": "classifier", "HeadScores": "classifier",
     "RuntimeOptions": "classifier", "TextScores": "classifier",
     "BlockedError": "exceptions", "ClassifierError": "exceptions", "ConfigError": "exceptions",
-    "DataError": "exceptions", "GuardmergeError": "exceptions", "MergeError": "exceptions",
+    "DataError": "exceptions", "GuardmergeError": "exceptions", "GuardOverloaded": "exceptions",
+    "MergeError": "exceptions",
     "ModelLoadError": "exceptions", "PolicyError": "exceptions",
     "PromptBlockedError": "exceptions", "RecipeError": "exceptions",
     "ResponseBlockedError": "exceptions", "UnguardedCallError": "exceptions",
@@ -57,8 +58,8 @@ if _typing.TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
                              RuntimeOptions, TextScores)
     from .client import AsyncGuardedClient, GuardedClient, guard_client
     from .exceptions import (BlockedError, ClassifierError, ConfigError, DataError,
-                             GuardmergeError, MergeError, ModelLoadError, PolicyError,
-                             PromptBlockedError, RecipeError, ResponseBlockedError,
+                             GuardmergeError, GuardOverloaded, MergeError, ModelLoadError,
+                             PolicyError, PromptBlockedError, RecipeError, ResponseBlockedError,
                              UnguardedCallError, UpstreamError, UpstreamTimeout)
     from .guard import CachedClassifier, Guard
     from .labels import Head
