@@ -571,10 +571,13 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await state.start()
+        loading = asyncio.ensure_future(state.start())  # /healthz answers meanwhile
         try:
             yield
         finally:
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
             await state.stop()
 
     app = Starlette(routes=routes, lifespan=lifespan,
