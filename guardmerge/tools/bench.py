@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["runtime", "merge", "middleware", "search", "cli"]
+__all__ = ["runtime", "merge", "middleware", "search", "serve", "cli"]
 
 
 def _machine() -> str:
@@ -100,6 +100,13 @@ def merge(*, layers: int = 12, hidden: int = 768, methods: Sequence[str] = ("tie
 
     return run_merge_bench(layers=layers, hidden=hidden, methods=methods, mergekit=mergekit,
                            workdir=workdir, repeat=repeat)
+
+
+def serve(**kwargs: Any) -> dict[str, Any]:
+    """The proxy: latency added over direct, throughput, batching on vs off (``serve_bench``)."""
+    from .serve_bench import run as run_serve_bench
+
+    return run_serve_bench(**kwargs)
 
 
 def middleware(*, calls: int = 2000, turns: int = 20) -> dict[str, Any]:
