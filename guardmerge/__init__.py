@@ -14,6 +14,8 @@ Layers point one way (each imports only those above it)::
     policy -> guard              rules -> verdicts; messages -> one batched classification
     _http, client                the OpenAI-style client and the guard wrapper
     merge/                       HM3 merge, evaluation, search (torch)
+    serve/                       the OpenAI-compatible guard proxy (the [server] extra; the
+                                 library never imports it)
     cli                          the command line; imports the rest lazily
 
 Names are loaded on first use, so ``import guardmerge`` (and the CLI's fast commands) does not

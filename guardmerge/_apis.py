@@ -19,7 +19,8 @@ records of unknown types) are unreadable content (``on_error``).
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping  # isinstance on it: typing.Mapping is several times slower
+from typing import Any
 
 from ._messages import Unreadable, get, snapshot
 from ._stream import Touch

@@ -1,6 +1,7 @@
 """The ``guardmerge`` command: a thin shell over the library. ``main(argv) -> exit code``.
 
-Exit codes: 0 pass, 3 flag, 4 block (``scan``); 2 usage or configuration error; 1 other error.
+Exit codes: 0 pass, 3 flag, 4 block (``scan``); 2 usage or configuration error (``serve``: a bad
+config file, flag, bundle or policy, before anything binds); 1 other error.
 Flags of ``scan`` / ``eval`` (runtime), ``merge`` and ``search`` come from the library's options
 dataclasses (``RuntimeOptions``, ``MergeOptions``, ``SearchOptions``), so the command line and
 the Python API take the same options with the same defaults. Every command imports what it
@@ -136,7 +137,8 @@ def _build_parser() -> argparse.ArgumentParser:
     bv = b_sub.add_parser("serve", help="the proxy: latency added, throughput, batching on vs "
                           "off, at concurrency 1 / 8 / 64 (in-process upstream)")
     bv.add_argument("--bundle", default=None,
-                    help="bundle to serve (default: a BERT-base-sized random bundle)")
+                    help="bundle to serve (default: a BERT-base-sized random bundle; "
+                    "'trivial': a model-free classifier, to see what the proxy itself costs)")
     bv.add_argument("--layers", type=int, default=12)
     bv.add_argument("--hidden", type=int, default=768)
     bv.add_argument("--dtype", default="float32")

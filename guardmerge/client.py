@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import logging
 from enum import Enum
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Literal, Mapping
+from collections.abc import Mapping  # isinstance on it: typing.Mapping is several times slower
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Literal
 
 from ._apis import API, CHAT, COMPLETIONS, RESPONSES
 from ._stream import DONE, NEED_DATA, Blocked, Check, Emit, StreamMachine

@@ -73,11 +73,12 @@ def _upstream_app(latency: float, seen: collections.Counter) -> Any:
 
 
 async def _load(url: str, prompts: Sequence[str], concurrency: int,
-                stream: bool) -> tuple[list[float], float, dict[str, int]]:
+                stream: bool) -> tuple[list[float], float, dict[str, Any]]:
     """(latencies, wall seconds, answers per id) for ``prompts`` sent ``concurrency`` at once."""
     import httpx
 
     answers: collections.Counter = collections.Counter()
+    errors: collections.Counter = collections.Counter()
     latencies: list[float] = []
     queue = list(enumerate(prompts))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -89,25 +90,32 @@ async def _load(url: str, prompts: Sequence[str], concurrency: int,
                 body = {"model": "m", "messages": [{"role": "user", "content": prompt}],
                         "stream": stream}
                 t = time.perf_counter()
-                if stream:
-                    text = ""
-                    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
-                        async for line in r.aiter_lines():
-                            if line.startswith("data: ") and line != "data: [DONE]":
-                                choices = json.loads(line[6:]).get("choices") or [{}]
-                                text += choices[0].get("delta", {}).get("content") or ""
-                    ok = r.status_code == 200
-                else:
-                    r = await http.post("/v1/chat/completions", json=body)
-                    ok = r.status_code == 200
-                    text = r.json()["choices"][0]["message"]["content"] if ok else ""
+                text, status = "", 0
+                try:
+                    if stream:
+                        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                            async for line in r.aiter_lines():
+                                if line.startswith("data: ") and line != "data: [DONE]":
+                                    choices = json.loads(line[6:]).get("choices") or [{}]
+                                    text += choices[0].get("delta", {}).get("content") or ""
+                        status = r.status_code
+                    else:
+                        r = await http.post("/v1/chat/completions", json=body)
+                        status = r.status_code
+                        text = r.json()["choices"][0]["message"]["content"] \
+                            if status == 200 else ""
+                except httpx.HTTPError as exc:
+                    errors[type(exc).__name__] += 1
                 latencies.append(time.perf_counter() - t)
-                if ok and text == f"You said: {prompt}":
+                if status == 200 and text == f"You said: {prompt}":
                     answers[prompt.split(" ", 1)[0]] += 1
+                elif status:
+                    errors[f"HTTP {status}" + (" (wrong text)" if status == 200 else "")] += 1
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
+    answers["__errors__"] = dict(errors)  # type: ignore[assignment]
     return latencies, wall, dict(answers)
 
 
@@ -129,7 +137,13 @@ def run(*, bundle: str | None = None, layers: int = 12, hidden: int = 768,
     tmp = Path(tempfile.mkdtemp(prefix="guardmerge-bench-serve-"))
     results: dict[str, Any] = {"machine": _machine(), "cells": []}
     try:
-        if bundle is None:
+        if bundle == "trivial":  # a model-free classifier: what the proxy itself costs
+            from ..classifier import FunctionClassifier
+
+            clf: Any = FunctionClassifier({"jailbreak": ["benign", "jailbreak"]},
+                                          lambda t: {"jailbreak": {"jailbreak": 0.01}})
+            described = "a trivial FunctionClassifier (no model)"
+        elif bundle is None:
             layout = {"jailbreak": ["benign", "jailbreak"],
                       "toxicity": ["normal", "offensive", "hateful"]}
             path, _ = _base_sized_bundle(tmp / "bundle", layers=layers, hidden=hidden,
@@ -138,7 +152,8 @@ def run(*, bundle: str | None = None, layers: int = 12, hidden: int = 768,
             described = f"BERT {layers} layers x {hidden} (random weights, 2 heads)"
         else:
             path, described = Path(bundle), str(bundle)
-        clf = BundleClassifier.from_pretrained(path, dtype=dtype, batch_size=64)
+        if bundle != "trivial":
+            clf = BundleClassifier.from_pretrained(path, dtype=dtype, batch_size=64)
         policy = Policy.from_yaml(POLICY)
         seen: collections.Counter = collections.Counter()
         upstream = BackgroundServer(_upstream_app(latency_ms / 1000, seen),
@@ -181,6 +196,7 @@ def run(*, bundle: str | None = None, layers: int = 12, hidden: int = 768,
                               state.metrics.value("guardmerge_model_seconds_sum")) \
                         if state else None
                     latencies, wall, answers = asyncio.run(_load(url, prompts, c, stream))
+                    failures = answers.pop("__errors__", {})
                     ids = [p.split(" ", 1)[0] for p in prompts]
                     lost = sum(1 for i in ids if answers.get(i, 0) == 0)
                     twice = sum(1 for i in ids if answers.get(i, 0) > 1 or seen[i] > 1)
@@ -188,7 +204,7 @@ def run(*, bundle: str | None = None, layers: int = 12, hidden: int = 768,
                         "mode": mode, "concurrency": c, "stream": stream, "requests": n,
                         "p50_ms": 1000 * _pct(latencies, 0.5),
                         "p99_ms": 1000 * _pct(latencies, 0.99), "req_per_s": n / wall,
-                        "lost": lost, "answered_twice": twice}
+                        "lost": lost, "answered_twice": twice, "failures": failures}
                     if state is not None:
                         stats = state.batcher.stats
                         batches = stats.batches - before[0]
@@ -208,7 +224,8 @@ def run(*, bundle: str | None = None, layers: int = 12, hidden: int = 768,
                     ok = "yes" if not lost and not twice else f"{lost}L/{twice}T"
                     print(f"{mode:<12} {c:>4} {'yes' if stream else 'no':>6} {n:>4} "
                           f"{row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} "
-                          f"{row['req_per_s']:>7.1f} {extra} {ok:>4}", flush=True)
+                          f"{row['req_per_s']:>7.1f} {extra} {ok:>4}"
+                          + (f"  {failures}" if failures else ""), flush=True)
         _summary(results, concurrency)
         for server, _ in proxies.values():
             server.stop()
