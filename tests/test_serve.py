@@ -612,3 +612,30 @@ def test_keys_and_prompt_text_never_reach_logs_or_metrics(llm, caplog):
         assert secret not in logs
         assert secret not in metrics
     assert 'guardmerge_requests_total{route="/v1/chat/completions",status="200"} 3.0' in metrics
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in metrics.splitlines() if line and not line.startswith("#")}
+    assert samples["guardmerge_stream_holdback_seconds_count"] >= 2  # the streamed chunks
+    assert samples['guardmerge_upstream_latency_seconds_count{route="/v1/chat/completions"}'] == 4
+    assert samples["guardmerge_batch_windows_count"] >= 1
+    assert samples["guardmerge_queue_wait_seconds_count"] >= 1
+    assert samples['guardmerge_guard_latency_seconds_count{direction="input"}'] >= 5
+    assert samples['guardmerge_fail_closed_total{reason="error"}'] == 1  # the NaN
+
+
+def test_the_history_cache_is_shared_across_requests(llm):
+    scored = []
+
+    def recording(text):
+        scored.append(text)
+        return score(text)
+
+    with Proxy(llm.url, guard=make_guard(recording)) as proxy:
+        client = proxy.client()
+        history = user("first question")
+        client.chat.completions.create(model="m", messages=history)
+        history += [{"role": "assistant", "content": "You said: first question"},
+                    {"role": "user", "content": "second question"}]
+        scored.clear()
+        client.chat.completions.create(model="m", messages=history)  # a new request
+    # the first question was scored by the earlier request: only the new texts are scored
+    assert scored == ["second question", "You said: second question"]
