@@ -21,7 +21,7 @@ pytest.importorskip("prometheus_client")
 from guardmerge import BundleClassifier, FunctionClassifier, Guard, Policy, guard_client
 from guardmerge.serve import BackgroundServer, ServeOptions, create_app
 
-from conftest import JB_HEADS, JB_POLICY, trigger_reply
+from conftest import JB_HEADS, JB_POLICY
 
 SECRET = "sk-proxy-secret-4242"
 UPSTREAM_SECRET = "sk-upstream-secret-9191"

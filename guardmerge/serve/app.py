@@ -50,7 +50,7 @@ from starlette.routing import Route
 
 from .._apis import API, CHAT, COMPLETIONS, RESPONSES
 from ..client import AsyncGuardedStream
-from ..exceptions import (ClassifierError, ConfigError, ResponseBlockedError, UpstreamError,
+from ..exceptions import (ConfigError, ResponseBlockedError, UpstreamError,
                           UpstreamTimeout)
 from ..guard import Guard
 from ..verdict import Verdict

@@ -16,9 +16,7 @@ import asyncio
 import collections
 import json
 import shutil
-import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
