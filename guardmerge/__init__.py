@@ -14,6 +14,8 @@ Layers point one way (each imports only those above it)::
     policy -> guard              rules -> verdicts; messages -> one batched classification
     _http, client                the OpenAI-style client and the guard wrapper
     merge/                       HM3 merge, evaluation, search (torch)
+    serve/                       the OpenAI-compatible guard proxy (the [server] extra; the
+                                 library never imports it)
     cli                          the command line; imports the rest lazily
 
 Names are loaded on first use, so ``import guardmerge`` (and the CLI's fast commands) does not
@@ -33,7 +35,8 @@ _EXPORTS = {
     "FunctionClassifier": "classifier", "HeadScores": "classifier",
     "RuntimeOptions": "classifier", "TextScores": "classifier",
     "BlockedError": "exceptions", "ClassifierError": "exceptions", "ConfigError": "exceptions",
-    "DataError": "exceptions", "GuardmergeError": "exceptions", "MergeError": "exceptions",
+    "DataError": "exceptions", "GuardmergeError": "exceptions", "GuardOverloaded": "exceptions",
+    "MergeError": "exceptions",
     "ModelLoadError": "exceptions", "PolicyError": "exceptions",
     "PromptBlockedError": "exceptions", "RecipeError": "exceptions",
     "ResponseBlockedError": "exceptions", "UnguardedCallError": "exceptions",
@@ -58,8 +61,8 @@ if _typing.TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
                              RuntimeOptions, TextScores)
     from .client import AsyncGuardedClient, GuardedClient, guard_client
     from .exceptions import (BlockedError, ClassifierError, ConfigError, DataError,
-                             GuardmergeError, MergeError, ModelLoadError, PolicyError,
-                             PromptBlockedError, RecipeError, ResponseBlockedError,
+                             GuardmergeError, GuardOverloaded, MergeError, ModelLoadError,
+                             PolicyError, PromptBlockedError, RecipeError, ResponseBlockedError,
                              UnguardedCallError, UpstreamError, UpstreamTimeout)
     from .guard import CachedClassifier, Guard
     from .labels import Head

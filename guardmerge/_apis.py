@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Mapping  # isinstance on it: typing.Mapping is several times slower
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any
 
 from ._messages import Unreadable, get, snapshot
 from ._stream import Touch, blocked_keys
 from .exceptions import UnguardedCallError
-from .verdict import Action, Verdict
+from .verdict import Verdict
 
 __all__ = ["API", "CHAT", "COMPLETIONS", "RESPONSES", "VENDOR_SETTINGS"]
 

@@ -1,6 +1,7 @@
 """The ``guardmerge`` command: a thin shell over the library. ``main(argv) -> exit code``.
 
-Exit codes: 0 pass, 3 flag, 4 block (``scan``); 2 usage or configuration error; 1 other error.
+Exit codes: 0 pass, 3 flag, 4 block (``scan``); 2 usage or configuration error (``serve``: a bad
+config file, flag, bundle or policy, before anything binds); 1 other error.
 Flags of ``scan`` / ``eval`` (runtime), ``merge`` and ``search`` come from the library's options
 dataclasses (``RuntimeOptions``, ``MergeOptions``, ``SearchOptions``), so the command line and
 the Python API take the same options with the same defaults. Every command imports what it
@@ -10,6 +11,7 @@ needs when it runs: ``--help`` and ``policy check`` never load torch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -145,7 +147,39 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="runs per tool and method, alternating; medians are reported")
     bc = b_sub.add_parser("cli", help="start-up time of --help and policy check (fresh processes)")
     bc.add_argument("--repeats", type=int, default=10)
+    bv = b_sub.add_parser("serve", help="the proxy: latency added, throughput, batching on vs "
+                          "off, at concurrency 1 / 8 / 64 (in-process upstream)")
+    bv.add_argument("--bundle", default=None,
+                    help="bundle to serve (default: a BERT-base-sized random bundle; "
+                    "'trivial': a model-free classifier, to see what the proxy itself costs)")
+    bv.add_argument("--layers", type=int, default=12)
+    bv.add_argument("--hidden", type=int, default=768)
+    bv.add_argument("--dtype", default="float32")
+    bv.add_argument("--concurrency", default="1,8,64")
+    bv.add_argument("--requests", type=int, default=0,
+                    help="requests per cell (default: max(24, 4 x concurrency))")
+    bv.add_argument("--latency-ms", type=float, default=50.0,
+                    help="the fake upstream's fixed latency")
+    bv.add_argument("--words", type=int, default=24, help="words per prompt")
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible guard proxy (the [server] extra)",
+                        description="Serve an OpenAI-compatible proxy that guards every call "
+                        "with one bundle and policy. Flags override the --config file; the "
+                        "proxy's own keys come from $GUARDMERGE_API_KEYS and the key sent "
+                        "upstream from $GUARDMERGE_UPSTREAM_API_KEY (names set in the file).")
+    sv.add_argument("--config", default=None, metavar="FILE", help="serve YAML file")
+    if _ServeOptions is not None:
+        add_options(sv, _ServeOptions)
+        sv.set_defaults(**{f.name: _UNSET for f in dataclasses.fields(_ServeOptions)
+                           if f.metadata.get("cli")})
     return p
+
+
+try:  # the serve flags come from its options; without the [server] extra there are none
+    from .serve.config import ServeOptions as _ServeOptions
+except ImportError:  # pragma: no cover - depends on the installed extras
+    _ServeOptions = None  # type: ignore[assignment,misc]
+_UNSET = object()
 
 
 def _read_text(arg: str) -> str:
@@ -409,11 +443,34 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         _bench.search(texts=args.texts, words=args.words, trials=args.trials, workdir=args.workdir,
                       screen=args.screen, search_trials=args.search_trials)
         return EXIT_OK
+    if args.bench_command == "serve":
+        _bench.serve(bundle=args.bundle, layers=args.layers, hidden=args.hidden,
+                     dtype=args.dtype, concurrency=[int(c) for c in args.concurrency.split(",")],
+                     requests=args.requests, latency_ms=args.latency_ms, words=args.words)
+        return EXIT_OK
     if args.bench_command == "merge":
         _bench.merge(layers=args.layers, hidden=args.hidden, methods=args.methods.split(","),
                      mergekit=args.mergekit, workdir=args.workdir, repeat=args.repeat)
         return EXIT_OK
-    raise _UsageError("guardmerge bench: choose runtime, merge, middleware, search or cli")
+    raise _UsageError("guardmerge bench: choose runtime, merge, middleware, search, serve or "
+                      "cli")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    if _ServeOptions is None:
+        raise _UsageError("guardmerge serve needs the [server] extra: pip install "
+                          "'guardmerge[server]'")
+    from .serve.config import load_config, merge_flags
+    from .serve.runner import run
+
+    options = load_config(args.config) if args.config else _ServeOptions()
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(_ServeOptions)
+             if f.metadata.get("cli") and getattr(args, f.name, _UNSET) is not _UNSET}
+    options = merge_flags(options, given)
+    options.require("upstream", "bundle", "policy")
+    _quiet_transformers(args.verbose)
+    run(options)
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -430,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"scan": _cmd_scan, "inspect": _cmd_inspect, "merge": _cmd_merge,
                 "distill": _cmd_distill,
                 "bench": _cmd_bench, "eval": _cmd_eval, "search": _cmd_search,
-                "build-guards": _cmd_build_guards}
+                "build-guards": _cmd_build_guards, "serve": _cmd_serve}
     try:
         if args.command is None:
             parser.print_help(sys.stderr)

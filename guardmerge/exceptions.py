@@ -13,7 +13,8 @@ boundary where they happen, with ``raise ... from exc`` so the original stays at
     ├── ModelLoadError           a bundle / model folder is missing, corrupt or inconsistent
     ├── MergeError               sources cannot be merged (shapes, names, configs, vocabularies)
     ├── ClassifierError          the guard model failed while scoring text (run time), returned
-    │                            results that do not match its input, or took too long
+    │   │                        results that do not match its input, or took too long
+    │   └── GuardOverloaded      ... because the proxy's queue of checks is full (``serve``)
     ├── UnguardedCallError       a guarded client was asked for a call guardmerge does not guard
     ├── UpstreamError            the upstream LLM call failed (status, body), after bounded retries
     │   └── UpstreamTimeout      ... because it took too long
@@ -38,6 +39,7 @@ __all__ = [
     "ModelLoadError",
     "MergeError",
     "ClassifierError",
+    "GuardOverloaded",
     "UnguardedCallError",
     "UpstreamError",
     "UpstreamTimeout",
@@ -96,6 +98,11 @@ class MergeError(GuardmergeError):
 
 class ClassifierError(GuardmergeError):
     """The guard model failed while scoring text."""
+
+
+class GuardOverloaded(ClassifierError):
+    """The guard could not take the check: the proxy's bounded queue of checks is full.
+    A guard failure like any other (the policy's ``on_error``); the proxy answers 503."""
 
 
 class UnguardedCallError(GuardmergeError):

@@ -33,7 +33,7 @@ from .normalize import NormalizedText, normalized_forms
 from .policy import ROLES, Policy, Target
 from .verdict import Action, Finding, Verdict
 
-__all__ = ["Guard", "CachedClassifier"]
+__all__ = ["Guard", "CachedClassifier", "CacheLookup", "CheckPlan"]
 
 logger = logging.getLogger("guardmerge.guard")
 
@@ -63,6 +63,14 @@ class CachedClassifier(Classifier):
         return getattr(self.inner, "stats", None)
 
     def classify(self, texts: Sequence[str], *, max_tokens: int | None = None) -> list[TextScores]:
+        lookup = self.lookup(texts, max_tokens=max_tokens)
+        if lookup.missing:
+            lookup.fill(self.inner.classify(lookup.missing, max_tokens=max_tokens))
+        return lookup.results()
+
+    def lookup(self, texts: Sequence[str], *, max_tokens: int | None = None) -> "CacheLookup":
+        """The cached scores of ``texts``; score ``.missing`` elsewhere (the server's batcher
+        does) and hand them to ``.fill()`` to cache them, then read ``.results()``."""
         keys = [(max_tokens, hashlib.sha256(t.encode("utf-8", "surrogatepass")).digest())
                 for t in texts]
         results: list[TextScores | None] = [None] * len(keys)
@@ -76,24 +84,57 @@ class CachedClassifier(Classifier):
                     self.hits += 1
                 else:
                     missing.setdefault(key, []).append(i)
-        if missing:
-            order = list(missing)
-            fresh = self.inner.classify([texts[missing[k][0]] for k in order], max_tokens=max_tokens)
-            validate_scores(fresh, len(order), self.heads, self.name)  # never cache a bad result
-            with self._lock:
-                for key, scores in zip(order, fresh):
-                    self.misses += len(missing[key])
-                    self._cache[key] = scores
-                    self._cache.move_to_end(key)
-                    for i in missing[key]:
-                        results[i] = dataclasses.replace(scores, text_index=i)
-                while len(self._cache) > self.maxsize:
-                    self._cache.popitem(last=False)
-        return [r for r in results if r is not None]
+        return CacheLookup(self, list(texts), results, missing)
+
+    def _store(self, lookup: "CacheLookup", fresh: Any) -> None:
+        order = list(lookup.pending)
+        validate_scores(fresh, len(order), self.heads, self.name)  # never cache a bad result
+        with self._lock:
+            for key, scores in zip(order, fresh):
+                self.misses += len(lookup.pending[key])
+                self._cache[key] = scores
+                self._cache.move_to_end(key)
+                for i in lookup.pending[key]:
+                    lookup.found[i] = dataclasses.replace(scores, text_index=i)
+            while len(self._cache) > self.maxsize:
+                self._cache.popitem(last=False)
 
     def clear(self) -> None:
         with self._lock:
             self._cache.clear()
+
+
+class CacheLookup:
+    """One ``CachedClassifier.lookup``: ``missing`` are the distinct texts still to score."""
+
+    def __init__(self, cache: CachedClassifier, texts: list[str],
+                 found: list[TextScores | None],
+                 pending: dict[tuple[int | None, bytes], list[int]]) -> None:
+        self._cache = cache
+        self.found = found
+        self.pending = pending
+        self.missing = [texts[indices[0]] for indices in pending.values()]
+
+    def fill(self, fresh: Any) -> None:
+        """Cache the scores of ``missing`` (validated first: a bad result is never cached)."""
+        self._cache._store(self, fresh)
+
+    def results(self) -> list[TextScores]:
+        return [r for r in self.found if r is not None]
+
+
+@dataclasses.dataclass
+class CheckPlan:
+    """What a check will score (``Guard.plan``): ``texts`` go to the classifier, in one batch,
+    and ``Guard.decide`` turns their scores into the verdict. ``verdict`` is set when the plan
+    already decided (the messages could not be read)."""
+
+    direction: str
+    picked: list[tuple[int, str, str, str]]
+    forms: list[tuple[NormalizedText, ...]]
+    texts: list[str]
+    extra: list[Finding]
+    verdict: Verdict | None = None
 
 
 class Guard:
@@ -133,12 +174,28 @@ class Guard:
         ``output``: each item is a response, scored with the output rules.
         A guard failure gives the policy's ``on_error`` verdict (block unless told otherwise).
         """
+        plan = self.plan(messages, direction)
+        if plan.verdict is not None:
+            return plan.verdict
+        scores: Any = []
+        if plan.texts:
+            try:
+                scores = self._run(self.scorer.classify, plan.texts,
+                                   max_tokens=self.policy.max_tokens)
+            except Exception as exc:  # fail closed on anything the guard model does wrong
+                return self.failed(direction, exc)
+        return self.decide(plan, scores)
+
+    def plan(self, messages: Iterable[Any] | str, direction: str = "input") -> CheckPlan:
+        """The first half of ``check``, with no model work: read the messages once, pick the
+        texts the policy's roles ask for, normalise them. Score ``plan.texts`` (in one batch,
+        with ``max_tokens=policy.max_tokens``) and pass the scores to ``decide``."""
         section = self.policy.rules(direction)
         default_role = "user" if direction == "input" else "assistant"
         try:
             read = read_messages(messages, default_role)
         except Exception as exc:  # a message iterable that raises: the guard could not read it
-            return self._failed(direction, exc)
+            return CheckPlan(direction, [], [], [], [], verdict=self.failed(direction, exc))
         picked: list[tuple[int, str, str, str]] = []  # (index, role, rules role, text)
         extra: list[Finding] = []
         for m in read:
@@ -169,42 +226,53 @@ class Guard:
                                      detail=f"{reason}: the guard cannot read it"))
             if m.text is not None and section.rules_for(rules_role):
                 picked.append((m.index, m.role, rules_role, m.text))
+        try:  # every normalised form of a text that differs from it is scored too
+            forms = [normalized_forms(text) for *_, text in picked]
+        except Exception as exc:
+            return CheckPlan(direction, [], [], [], [], verdict=self.failed(direction, exc))
+        texts = [text for *_, text in picked] + [f.text for fs in forms for f in fs]
+        return CheckPlan(direction, picked, forms, texts, extra)
+
+    def decide(self, plan: CheckPlan, scores: Any) -> Verdict:
+        """The second half of ``check``: the verdict from the scores of ``plan.texts`` (one
+        ``TextScores`` each, validated here: a malformed result is a guard failure)."""
+        if plan.verdict is not None:
+            return plan.verdict
+        direction = plan.direction
         targets: list[Target] = []
-        if picked:
+        if plan.texts:
             try:
-                targets = self._run(self._score, picked)
+                targets = self._targets(plan, scores)
             except Exception as exc:  # fail closed on anything the guard model does wrong
-                return self._failed(direction, exc)
+                return self.failed(direction, exc)
         verdict = self.policy.evaluate(direction, targets, include_scores=self.include_scores,
-                                       extra=extra)
+                                       extra=plan.extra)
         if not verdict.passed:
             logger.info("guard %s verdict: %s", direction, verdict.summary())
         return verdict
 
-    def _score(self, picked: Sequence[tuple[int, str, str, str]]) -> list[Target]:
-        """Score each text, and each of its normalised forms that differs, in one batch."""
-        forms: list[tuple[NormalizedText, ...]] = [normalized_forms(text) for *_, text in picked]
-        texts = [text for *_, text in picked] + [f.text for fs in forms for f in fs]
-        scores = self.scorer.classify(texts, max_tokens=self.policy.max_tokens)
-        validate_scores(scores, len(texts), self.classifier.heads, self.classifier.name)
+    def _targets(self, plan: CheckPlan, scores: Any) -> list[Target]:
+        """One target per scored text: the originals, then the normalised forms that differ."""
+        validate_scores(scores, len(plan.texts), self.classifier.heads, self.classifier.name)
+        picked = plan.picked
         targets = [Target(i, role, s, None, rules_role)
                    for (i, role, rules_role, _), s in zip(picked, scores)]
         extra = iter(scores[len(picked):])
         targets += [Target(i, role, next(extra), form, rules_role)
-                    for (i, role, rules_role, _), fs in zip(picked, forms) for form in fs]
+                    for (i, role, rules_role, _), fs in zip(picked, plan.forms) for form in fs]
         return targets
 
-    def _run(self, fn: Any, *args: Any) -> Any:
-        """``fn(*args)``, given at most ``timeout`` seconds (in a daemon thread, so a model that
+    def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, given at most ``timeout`` seconds (in a daemon thread, so a model that
         hangs can neither hold this caller nor the interpreter's exit)."""
         if self.timeout is None:
-            return fn(*args)
+            return fn(*args, **kwargs)
         box: dict[str, Any] = {}
         done = threading.Event()
 
         def work() -> None:
             try:
-                box["value"] = fn(*args)
+                box["value"] = fn(*args, **kwargs)
             except BaseException as exc:  # handed to the caller below
                 box["error"] = exc
             finally:
@@ -225,14 +293,14 @@ class Guard:
             try:
                 messages = list(messages)
             except Exception as exc:
-                return self._failed(direction, exc)
+                return self.failed(direction, exc)
         return await asyncio.to_thread(self.check, messages, direction)
 
     def check_text(self, text: str, direction: str = "input", role: str | None = None) -> Verdict:
         role = role or ("user" if direction == "input" else "assistant")
         return self.check([{"role": role, "content": text}], direction=direction)
 
-    def _failed(self, direction: str, exc: BaseException) -> Verdict:
+    def failed(self, direction: str, exc: BaseException) -> Verdict:
         """The ``on_error`` verdict. Logged with ``error_detail``: guardmerge's own messages
         (which never carry the text being checked), a third-party error by its type only (its
         message, and so a traceback, may hold the text: ``KeyError(text)``); where it was

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "guardmerge"
-NAMESPACES = ("guardmerge", "guardmerge.merge", "guardmerge.testing")
+NAMESPACES = ("guardmerge", "guardmerge.merge", "guardmerge.testing", "guardmerge.serve")
 
 
 def _fresh(code: str) -> dict:
@@ -123,6 +123,30 @@ print(json.dumps(sorted(m for m in sys.modules
     assert info == []
 
 
+def test_the_library_never_imports_the_proxy():
+    """``guardmerge.serve`` is an optional extra: only the CLI imports it, inside its commands
+    (its options, to build the flags; the rest when ``serve`` runs)."""
+    bad = []
+    for path in _library_files():
+        if "serve" in path.relative_to(PACKAGE).parts[:-1]:
+            continue
+        for mod, top_level in _imports(path):
+            if mod == "guardmerge.serve" or mod.startswith("guardmerge.serve."):
+                if not (path.name == "cli.py" and (not top_level or
+                                                   mod.startswith("guardmerge.serve.config"))):
+                    bad.append(f"{path.relative_to(ROOT)} imports {mod}")
+    assert bad == []
+    info = _fresh("""
+import importlib, json, sys
+import guardmerge, guardmerge.client, guardmerge.guard, guardmerge.merge
+from guardmerge.cli import _build_parser
+_build_parser()
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in
+                        ("starlette", "uvicorn", "prometheus_client", "ray"))))
+""")
+    assert info == []
+
+
 def test_examples_use_only_public_names():
     public = _fresh("""
 import importlib, json
@@ -153,14 +177,14 @@ print(json.dumps(names))
 
 
 def test_every_subpackage_says_what_lives_there_and_what_it_may_import():
-    for sub in ("merge", "testing", "tools"):
+    for sub in ("merge", "testing", "tools", "serve"):
         doc = ast.get_docstring(ast.parse((PACKAGE / sub / "__init__.py").read_text())) or ""
         modules = sorted(p.stem for p in (PACKAGE / sub).glob("*.py") if p.stem != "__init__")
         assert [m for m in modules if f"``{m}``" not in doc] == [], f"{sub}: modules not described"
         assert "never" in doc and "import" in doc, f"{sub}: no import rule"
 
 
-@pytest.mark.parametrize("init", ["__init__.py", "merge/__init__.py"])
+@pytest.mark.parametrize("init", ["__init__.py", "merge/__init__.py", "serve/__init__.py"])
 def test_lazy_export_tables_match_their_type_checking_imports(init):
     tree = ast.parse((PACKAGE / init).read_text())
     table = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)

@@ -8,7 +8,6 @@ Japanese text is left as it is and scored once.
 
 from __future__ import annotations
 
-import unicodedata
 
 import pytest
 from conftest import JB_HEADS, JB_POLICY, jb_score, sdk_client

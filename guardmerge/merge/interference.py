@@ -22,12 +22,10 @@ Warnings (rules of thumb, each stated with the figure that triggered it):
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
-import torch
 
 from .plan import MergePlan
 

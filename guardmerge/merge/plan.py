@@ -10,7 +10,6 @@ plan holds no weights in memory.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os

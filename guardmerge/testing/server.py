@@ -10,11 +10,16 @@ Routes, each as JSON or (``stream: true``) as server-sent events over chunked HT
   user message), answered as a Response (streamed: ``response.created``, text deltas,
   ``response.completed``).
 
+- ``GET /v1/models``, ``GET /v1/models/{id}``: a model list with one model (``fake-model``).
+
 ``script`` queues faults, one per request: ``{"status": 429, "headers": {"Retry-After":
 "0.1"}}``, ``{"status": 500}``, ``{"delay": 2.0}``, ``{"malformed": True}``,
-``{"drop_after": 2}`` (stream: close the socket after two chunks), ``{"reply": "..."}``.
-``requests`` records every request body, ``paths`` its path. Only the loopback address is ever
-bound.
+``{"drop_after": 2}`` (stream: close the socket after two chunks), ``{"reply": "..."}``,
+``{"tool_call": {"name": "f", "arguments": "{...}"}}`` (chat: the answer is that tool call,
+streamed as argument deltas). ``requests`` records every request body, ``paths`` its path,
+``headers`` its headers (lower-case names). ``disconnected`` is set (and ``disconnects``
+counted) when a client goes away in the middle of a streamed answer. Only the loopback
+address is ever bound.
 """
 
 from __future__ import annotations
@@ -59,6 +64,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_GET(self) -> None:  # noqa: N802
+        owner = self.server.owner
+        with owner._lock:
+            owner.paths.append(self.path)
+            owner.headers.append({k.lower(): v for k, v in self.headers.items()})
+        model = {"id": "fake-model", "object": "model", "created": 0, "owned_by": "guardmerge"}
+        path = self.path.split("?")[0].rstrip("/")
+        if path.endswith("/models"):
+            self._send_json(200, {"object": "list", "data": [model]})
+        elif "/models/" in path and path.rsplit("/", 1)[1] == "fake-model":
+            self._send_json(200, model)
+        else:
+            self._send_json(404, {"error": {"message": "no such route or model"}})
+
     def do_POST(self) -> None:  # noqa: N802
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
@@ -71,6 +90,7 @@ class _Handler(BaseHTTPRequestHandler):
         with owner._lock:
             owner.requests.append(body)
             owner.paths.append(self.path)
+            owner.headers.append({k.lower(): v for k, v in self.headers.items()})
             fault = owner.script.popleft() if owner.script else {}
         route = next((r for r in ("/chat/completions", "/completions", "/responses")
                       if self.path.rstrip("/").endswith(r)), None)
@@ -101,6 +121,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         chat = route == "/chat/completions"
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{number}"
+        if chat and fault.get("tool_call"):
+            self._tool_call(cid, model, dict(fault["tool_call"]), bool(body.get("stream")))
+            return
         if body.get("stream"):
             self._stream_choices(cid, model, texts, drop, chat)
             return
@@ -113,6 +136,34 @@ class _Handler(BaseHTTPRequestHandler):
                             {"text": t})} for i, t in enumerate(texts)],
             "usage": {"prompt_tokens": 1, "completion_tokens": words, "total_tokens": 1 + words},
         })
+
+    def _tool_call(self, cid: str, model: str, call: dict[str, Any], stream: bool) -> None:
+        name, arguments = str(call.get("name", "f")), str(call.get("arguments", "{}"))
+        base = {"id": cid, "created": int(time.time()), "model": model}
+        if not stream:
+            self._send_json(200, {**base, "object": "chat.completion", "choices": [{
+                "index": 0, "finish_reason": "tool_calls", "logprobs": None,
+                "message": {"role": "assistant", "content": None, "tool_calls": [{
+                    "id": "call_1", "type": "function",
+                    "function": {"name": name, "arguments": arguments}}]}}]})
+            return
+        self._begin_events()
+        chunk = {**base, "object": "chat.completion.chunk"}
+        first = {"index": 0, "id": "call_1", "type": "function",
+                 "function": {"name": name, "arguments": ""}}
+        self._emit(json.dumps({**chunk, "choices": [{"index": 0, "finish_reason": None,
+                                                     "delta": {"role": "assistant",
+                                                               "tool_calls": [first]}}]}))
+        size = max(1, self.server.owner.words_per_chunk * 4)
+        for i in range(0, len(arguments), size):
+            delta = {"tool_calls": [{"index": 0, "function": {"arguments":
+                                                              arguments[i:i + size]}}]}
+            self._emit(json.dumps({**chunk, "choices": [{"index": 0, "finish_reason": None,
+                                                         "delta": delta}]}))
+        self._emit(json.dumps({**chunk, "choices": [{"index": 0, "finish_reason": "tool_calls",
+                                                     "delta": {}}]}))
+        self._emit("[DONE]")
+        self._end_events()
 
     def _begin_events(self) -> None:
         self.send_response(200)
@@ -238,13 +289,19 @@ def _as_messages(route: str, body: dict[str, Any]) -> list[dict[str, Any]]:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 256  # concurrent clients (a proxy under load) are not refused
     owner: "OpenAICompatServer"
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         import sys
 
         exc = sys.exc_info()[1]
-        if isinstance(exc, (BrokenPipeError, ConnectionResetError, TimeoutError)):
+        if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+            with self.owner._lock:
+                self.owner.disconnects += 1
+            self.owner.disconnected.set()  # the client went away mid-answer
+            return
+        if isinstance(exc, TimeoutError):
             return  # the client gave up (timeouts, drops): expected in fault tests
         super().handle_error(request, client_address)
 
@@ -258,6 +315,9 @@ class OpenAICompatServer:
         self.script: deque[dict[str, Any]] = deque()
         self.requests: list[dict[str, Any]] = []
         self.paths: list[str] = []
+        self.headers: list[dict[str, str]] = []
+        self.disconnects = 0
+        self.disconnected = threading.Event()
         self.words_per_chunk = words_per_chunk
         self.chunk_delay = chunk_delay
         self.counter = 0

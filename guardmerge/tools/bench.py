@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["runtime", "merge", "middleware", "search", "cli"]
+__all__ = ["runtime", "merge", "middleware", "search", "serve", "cli"]
 
 
 def _machine() -> str:
@@ -102,6 +102,13 @@ def merge(*, layers: int = 12, hidden: int = 768, methods: Sequence[str] = ("tie
                            workdir=workdir, repeat=repeat)
 
 
+def serve(**kwargs: Any) -> dict[str, Any]:
+    """The proxy: latency added over direct, throughput, batching on vs off (``serve_bench``)."""
+    from .serve_bench import run as run_serve_bench
+
+    return run_serve_bench(**kwargs)
+
+
 def middleware(*, calls: int = 2000, turns: int = 20) -> dict[str, Any]:
     """Per-call overhead of the guard wrapper (trivial classifier, in-process upstream) and the
     forward passes the history cache saves over a multi-turn conversation."""
@@ -142,21 +149,31 @@ output: {rules: [{head: jailbreak, labels: [jailbreak], block: 0.9}]}
             http_client=httpx.Client(transport=httpx.MockTransport(handler)))
     except ImportError:  # pragma: no cover - openai is a dev/test extra
         pass
+    guard_only = Guard(trivial, policy, cache_size=0)
+    answer = [{"role": "assistant", "content": "Sure, here it is."}]
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(calls):
+            guard_only.check(messages)
+            guard_only.check(answer, "output")
+        best = min(best, (time.perf_counter() - t) / calls)
+    results["guard checks"] = {"ms": best * 1000}
+    print(f"{'Guard.check alone':<22} {best * 1e3:7.3f} ms per input + output check (the floor "
+          "of the wrapper's cost)")
     for label, make in clients.items():
         plain = make()
         guarded = guard_client(make(), Guard(trivial, policy, cache_size=0))
         for c in (plain, guarded):
             for _ in range(50):
                 c.chat.completions.create(model="m", messages=messages)
-        timings = {}
-        for name, c in (("plain", plain), ("guarded", guarded)):
-            best = float("inf")
-            for _ in range(3):
+        timings = {"plain": float("inf"), "guarded": float("inf")}
+        for _ in range(5):  # alternating rounds, best of each: a busy machine's noise hits both
+            for name, c in (("plain", plain), ("guarded", guarded)):
                 t = time.perf_counter()
                 for _ in range(calls):
                     c.chat.completions.create(model="m", messages=messages)
-                best = min(best, (time.perf_counter() - t) / calls)
-            timings[name] = best
+                timings[name] = min(timings[name], (time.perf_counter() - t) / calls)
         overhead = timings["guarded"] - timings["plain"]
         results[label] = {**timings, "overhead_ms": overhead * 1000}
         print(f"{label:<22} plain {timings['plain'] * 1e3:7.3f} ms/call   guarded "
