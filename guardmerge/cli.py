@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -326,8 +327,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     runtime = from_args(RuntimeOptions, args)
     clf = BundleClassifier.from_pretrained(args.model, options=runtime)
     rename = _single_head_view(clf, args.as_head, args.labels)
-    heads = [h if h.name not in rename else type(h)(name=rename[h.name], labels=h.labels)
-             for h in clf.heads]
+    heads = [h if h.name not in rename else replace(h, name=rename[h.name]) for h in clf.heads]
     examples = load_examples(args.data, heads=heads, skip_bad=args.skip_bad)
     merged = evaluate(clf, examples, model=args.model, rename=rename)
     originals = {}
