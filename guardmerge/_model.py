@@ -79,14 +79,14 @@ class GuardModel(nn.Module):
 
         self.config = config
         self.family = family
-        self.heads = tuple(heads)
+        self.guard_heads = tuple(heads)  # ("heads" is the per-head modules' container)
         _attach(self, family.encoder, encoder)
         _attach(self, family.output, output)
         self.token_types = family.takes_token_types(config.to_dict())
         self.pooling = getattr(config, "classifier_pooling", "cls") if family.reads == "pooling" \
             else None
         self.groups: list[tuple[list[Any], int, int, tuple[str, ...]]] = []
-        for prefix, members in head_groups(self.heads):
+        for prefix, members in head_groups(self.guard_heads):
             own = modules[prefix]
             steps: list[Any] = []
             for step in family.head:

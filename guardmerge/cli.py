@@ -225,6 +225,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         "layers": info.config.get("num_hidden_layers", info.config.get("n_layers")),
         "hidden_size": info.config.get("hidden_size", info.config.get("dim")),
         "manifest": info.manifest is not None,
+        "layout": info.layout,
+        "plain_transformers": info.plain_transformers,
+        "family": None if info.family is None else {
+            "name": info.family.name, "encoder": info.family.encoder,
+            "reads": info.family.reads, "head_modules": list(info.family.head_modules),
+            "output": info.family.output},
         "heads": [h.to_dict() for h in info.heads],
         "recipe": info.recipe,
     }
@@ -235,13 +241,30 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"model      {data['model_type']}, {data['layers']} layers, hidden {data['hidden_size']}, "
           f"{data['parameters'] / 1e6:.2f}M parameters, {data['weight_bytes'] / 2**20:.1f} MiB "
           f"({', '.join(data['dtypes'])})")
+    fam = info.family
+    if fam is None:
+        print("family     unknown to guardmerge: it runs as transformers runs it, but cannot "
+              "be merged")
+    else:
+        modules = f"head modules {', '.join(fam.head_modules)} (per head, never merged)" \
+            if fam.head_modules else "no head modules"
+        print(f"family     {fam.name}, reads {fam.describe_reads(info.config)}; {modules}; "
+              f"output layer {fam.output}")
+    if info.plain_transformers:
+        print("layout     plain: AutoModelForSequenceClassification loads it (the concatenated "
+              "logits; per-head softmax / sigmoid is guardmerge's)")
+    else:
+        print("layout     per_head: plain transformers cannot load it (each head has its own "
+              "head modules, in guardmerge.safetensors); load it with guardmerge")
     if not info.manifest:
         print("manifest   none (a plain single-head classifier)")
     print(f"heads      {len(info.heads)} heads, {info.num_labels} labels")
     for h in info.heads:
         src = f"  <- {h.source}" if h.source else ""
         rev = f"@{h.revision[:12]}" if h.revision else ""
-        print(f"  {h.name:<16} [{h.offset}:{h.stop}] {', '.join(h.labels)}{src}{rev}")
+        mods = f" modules {h.modules}*" if h.modules else ""
+        print(f"  {h.name:<16} [{h.offset}:{h.stop}] {h.kind} {', '.join(h.labels)}{mods}"
+              f"{src}{rev}")
     recipe = info.recipe
     if recipe:
         print(f"recipe     method={recipe.get('method')} seed={recipe.get('seed')} "

@@ -131,8 +131,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            head=("head.dense", "act:@classifier_activation", "head.norm"), output="classifier",
            token_types=False,
            config_keys=("classifier_pooling", "classifier_activation", "classifier_bias",
-                        "global_attn_every_n_layers", "local_attention", "norm_bias",
-                        "norm_eps", "global_rope_theta", "local_rope_theta")),
+                        "hidden_activation", "layer_types", "local_attention", "norm_bias",
+                        "norm_eps", "rope_parameters", "global_attn_every_n_layers")),
 )}
 
 
