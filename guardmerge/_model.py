@@ -132,10 +132,9 @@ class GuardModel(nn.Module):
         return (hidden * attention_mask.unsqueeze(-1)).sum(dim=1) / \
             attention_mask.sum(dim=1, keepdim=True)
 
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 token_type_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Per head group, what its rows of the output layer read (``[batch, hidden]``)."""
-        x = self.read(input_ids, attention_mask, token_type_ids)
+    def group_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per head group, its head steps (own modules, activations) on the encoder's read
+        output ``x``: what the group's rows of the output layer read."""
         out = []
         for steps, _, _, _ in self.groups:
             h = x
@@ -144,17 +143,28 @@ class GuardModel(nn.Module):
             out.append(h)
         return out
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, **_: Any) -> GuardOutput:
-        feats = self.features(input_ids, attention_mask, token_type_ids)
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 token_type_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per head group, what its rows of the output layer read (``[batch, hidden]``)."""
+        return self.group_features(self.read(input_ids, attention_mask, token_type_ids))
+
+    def heads_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Every head on the encoder's read output ``x``: the part of a forward pass after the
+        one encoder pass (``[batch, all labels]``)."""
+        feats = self.group_features(x)
         layer = self.output_layer
         if len(self.groups) == 1:  # the module itself: its hooks see what it reads (RegMean)
-            return GuardOutput(logits=layer(feats[0]))
+            return layer(feats[0])
         parts = []
         for h, (_, start, stop, _) in zip(feats, self.groups):
             bias = layer.bias[start:stop] if layer.bias is not None else None
             parts.append(nn.functional.linear(h, layer.weight[start:stop], bias))
-        return GuardOutput(logits=parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
+        return torch.cat(parts, dim=-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, **_: Any) -> GuardOutput:
+        return GuardOutput(logits=self.heads_logits(
+            self.read(input_ids, attention_mask, token_type_ids)))
 
     @classmethod
     def from_classifier(cls, net: Any, family: Family, heads: Sequence[Head]) -> "GuardModel":

@@ -112,7 +112,8 @@ def _build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--quick", action="store_true", help="a fraction of the data (smoke run)")
     bg.add_argument("--trials", type=int, default=12, help="density-search trials (0: none)")
 
-    b = sub.add_parser("bench", help="benchmarks (not tests): runtime, merge, middleware, search")
+    b = sub.add_parser("bench", help="benchmarks (not tests): runtime, heads, merge, middleware, "
+                       "search")
     b_sub = b.add_subparsers(dest="bench_command", metavar="WHICH", parser_class=_Parser)
     br = b_sub.add_parser("runtime", help="window latency / throughput, fp32 vs bf16")
     br.add_argument("--layers", type=int, default=12)
@@ -123,6 +124,17 @@ def _build_parser() -> argparse.ArgumentParser:
     br.add_argument("--long-tokens", type=int, default=20000)
     br.add_argument("--dtypes", default="float32,bfloat16")
     br.add_argument("--threads", type=int, default=None)
+    bh = b_sub.add_parser("heads", help="encoder pass vs per-head cost, 1 head vs 3 heads with "
+                          "their own head modules")
+    bh.add_argument("--family", default="deberta-v2")
+    bh.add_argument("--layers", type=int, default=12)
+    bh.add_argument("--hidden", type=int, default=768)
+    bh.add_argument("--attention-heads", type=int, default=12)
+    bh.add_argument("--intermediate", type=int, default=3072)
+    bh.add_argument("--tokens", type=int, default=128)
+    bh.add_argument("--batch", type=int, default=8)
+    bh.add_argument("--repeats", type=int, default=5)
+    bh.add_argument("--dtype", default="float32")
     bw = b_sub.add_parser("middleware", help="guard wrapper overhead per call; history cache")
     bw.add_argument("--calls", type=int, default=2000)
     bw.add_argument("--turns", type=int, default=20)
@@ -263,7 +275,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         src = f"  <- {h.source}" if h.source else ""
         rev = f"@{h.revision[:12]}" if h.revision else ""
         mods = f" modules {h.modules}*" if h.modules else ""
-        print(f"  {h.name:<16} [{h.offset}:{h.stop}] {h.kind} {', '.join(h.labels)}{mods}"
+        kind = " (multi_label: a sigmoid per label)" if h.multi_label else ""
+        print(f"  {h.name:<16} [{h.offset}:{h.stop}] {', '.join(h.labels)}{kind}{mods}"
               f"{src}{rev}")
     recipe = info.recipe
     if recipe:
@@ -425,6 +438,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                        long_tokens=args.long_tokens, dtypes=args.dtypes.split(","),
                        threads=args.threads)
         return EXIT_OK
+    if args.bench_command == "heads":
+        _bench.heads(family=args.family, layers=args.layers, hidden=args.hidden,
+                     attention_heads=args.attention_heads, intermediate=args.intermediate,
+                     tokens=args.tokens, batch=args.batch, repeats=args.repeats,
+                     dtype=args.dtype)
+        return EXIT_OK
     if args.bench_command == "middleware":
         _bench.middleware(calls=args.calls, turns=args.turns)
         return EXIT_OK
@@ -436,7 +455,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         _bench.merge(layers=args.layers, hidden=args.hidden, methods=args.methods.split(","),
                      mergekit=args.mergekit, workdir=args.workdir, repeat=args.repeat)
         return EXIT_OK
-    raise _UsageError("guardmerge bench: choose runtime, merge, middleware, search or cli")
+    raise _UsageError("guardmerge bench: choose runtime, heads, merge, middleware, search or cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -314,3 +314,13 @@ def test_hub_ids_resolve_offline_from_the_cache_with_a_pinned_revision(tmp_path,
         assert close is match
     with pytest.raises(ModelLoadError, match="tiny/toxicity.*Hugging Face Hub failed"):
         inspect_bundle("tiny/toxicity", revision="f" * 40)  # not in the cache, and offline
+
+
+def test_the_deberta_v3_example_recipe_is_valid():
+    from pathlib import Path
+
+    recipe = MergeRecipe.load(Path(__file__).resolve().parent.parent / "examples" /
+                              "recipe-deberta-v3.yaml")
+    assert recipe.method == "ties" and recipe.head_mode.value == "refit"
+    assert [m.model for m in recipe.models] == ["protectai/deberta-v3-base-prompt-injection-v2",
+                                                "KoalaAI/Text-Moderation"]
