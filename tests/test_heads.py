@@ -324,3 +324,34 @@ def test_the_deberta_v3_example_recipe_is_valid():
     assert recipe.method == "ties" and recipe.head_mode.value == "refit"
     assert [m.model for m in recipe.models] == ["protectai/deberta-v3-base-prompt-injection-v2",
                                                 "KoalaAI/Text-Moderation"]
+
+
+def test_dry_run_measures_the_shared_encoder_only(drifted, capsys):
+    from guardmerge.cli import main
+    from guardmerge.merge import mergeability
+
+    report = mergeability(_recipe(drifted))
+    encoder = [n for n, t in load_file(str(drifted["jb"] / "model.safetensors")).items()
+               if n.startswith("roberta.") and t.is_floating_point()]
+    assert report.tensors == len(encoder)  # neither classifier.dense nor the output layer
+    assert all(n > 0 for n in report.norms)
+    recipe = drifted["dir"] / "recipe.yaml"
+    recipe.write_text(json.dumps(_recipe(drifted)))
+    assert main(["merge", str(recipe), "--dry-run"]) == 0
+    assert "jailbreak" in capsys.readouterr().out
+
+
+def test_a_per_head_bundle_is_a_source_like_any_other(drifted, tmp_path):
+    """Its heads keep their own modules (heads.<i>. renumbered) through a RegMean re-merge."""
+    first = merge(_recipe(drifted, head_mode="owner"), tmp_path / "first", progress=False)
+    again = merge({"base": str(drifted["base"]), "method": "regmean", "head_mode": "owner",
+                   "calibration": {"texts": [str(drifted["calib"])],
+                                   "cache": str(tmp_path / "cache")},
+                   "models": [{"model": str(first)}]}, tmp_path / "again", progress=False)
+    a = load_file(str(first / "guardmerge.safetensors"))
+    b = load_file(str(again / "guardmerge.safetensors"))
+    for i in (0, 1):
+        assert torch.equal(a[f"heads.{i}.classifier.dense.weight"],
+                           b[f"heads.{i}.classifier.dense.weight"])
+    assert torch.equal(a["classifier.out_proj.weight"], b["classifier.out_proj.weight"])
+    assert [h.kind for h in inspect_bundle(again).heads] == ["single_label", "multi_label"]

@@ -34,12 +34,18 @@ def calibration_for(plan: MergePlan) -> CalibrationSet:
 def linear_layer_names(plan: MergePlan) -> list[str]:
     """The merged model's linear layers (module names), found on a weightless ("meta") copy of
     the architecture: every layer RegMean solves (the encoder's and the output layer; never a
-    head module, which is per head)."""
+    head module, which is per head). A source that is itself a per-head bundle has no one input
+    for its output layer (each head's rows read their own modules' output), so with such a
+    source the output layer is left to the head mode's plain merge."""
     from .._model import guard_skeleton
+    from ..bundle import PER_HEAD
 
     with torch.device("meta"):
         model = guard_skeleton(plan.config(), plan.family, plan.heads)
-    return sorted(linear_modules(model, set(plan.names) - plan.module_tensors))
+    names = set(plan.names) - plan.module_tensors
+    if any(s.layout == PER_HEAD for s in plan.sources):
+        names -= plan.head_tensors
+    return sorted(linear_modules(model, names))
 
 
 def regmean_statistics(plan: MergePlan, calibration: CalibrationSet, *,
