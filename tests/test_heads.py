@@ -355,3 +355,15 @@ def test_a_per_head_bundle_is_a_source_like_any_other(drifted, tmp_path):
                            b[f"heads.{i}.classifier.dense.weight"])
     assert torch.equal(a["classifier.out_proj.weight"], b["classifier.out_proj.weight"])
     assert [h.kind for h in inspect_bundle(again).heads] == ["single_label", "multi_label"]
+
+
+def test_a_per_head_merge_is_byte_identical_for_the_same_recipe_and_seed(drifted, tmp_path):
+    import hashlib
+
+    recipe = _recipe(drifted, method="dare_ties", head_mode="owner", seed=11,
+                     parameters={"density": 0.5})
+    shas = [hashlib.sha256((merge(recipe, tmp_path / f"m{i}", progress=False) /
+                            "guardmerge.safetensors").read_bytes()).hexdigest() for i in (0, 1)]
+    assert shas[0] == shas[1]
+    other = merge(dict(recipe, seed=12), tmp_path / "m2", progress=False)
+    assert hashlib.sha256((other / "guardmerge.safetensors").read_bytes()).hexdigest() != shas[0]
