@@ -8,9 +8,10 @@ library never imports it.
 Layers point one way (each imports only those above it)::
 
     exceptions, labels, chunking, verdict, normalize, _files, _validate, _options,
-    _safetensors, _atomic, _messages
-    bundle                       folders, manifests, headers (no torch)
-    classifier                   the runtime (torch and transformers only once a model loads)
+    _safetensors, _atomic, _messages, families (the model-family table)
+    bundle                       folders, manifests, layouts, headers (no torch)
+    classifier, _model           the runtime and the guard model (torch and transformers only
+                                 once a model loads)
     policy -> guard              rules -> verdicts; messages -> one batched classification
     _http, client                the OpenAI-style client and the guard wrapper
     merge/                       HM3 merge, evaluation, search (torch)

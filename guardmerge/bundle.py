@@ -1,14 +1,26 @@
 """Guard bundles: a transformers sequence-classifier folder plus a manifest of heads.
 
-Layout (every file is also what plain ``AutoModelForSequenceClassification`` expects)::
+Two layouts. **plain** (every head a linear layer over one shared representation: BERT and
+ALBERT bundles, and any bundle whose heads all come from one source) is a folder plain
+``AutoModelForSequenceClassification`` loads::
 
     config.json           num_labels = all heads; id2label holds unique "head:label" names
     model.safetensors     weights (or sharded, with model.safetensors.index.json)
-    tokenizer.json, tokenizer_config.json, vocab.txt, ...   the full tokenizer
-    guardmerge.json       manifest: format version, heads (name, labels, offset, source), recipe
+    tokenizer.json, tokenizer_config.json, vocab.txt / vocab.json + merges.txt / spm.model ...
+    guardmerge.json       manifest: format version, layout, heads (name, labels, offset, kind,
+                          source), recipe
 
-A plain single-head classifier folder (no manifest) is read as a bundle of one head named after
-the folder. Weights are safetensors only: pickle files are refused, never unpickled.
+**per_head** (heads with their own head modules from different sources: RoBERTa's
+``classifier.dense``, DeBERTa's ``pooler.dense``, ...; see ``families``): the shared encoder
+and the HM3 output layer under their usual names, and head ``i``'s modules under
+``heads.<i>.``, in ``guardmerge.safetensors``. The manifest lists each head's modules
+(prefix and tensors). There is no ``model.safetensors``, so plain transformers refuses the
+folder loudly instead of loading random head modules; its config and tokenizer still load.
+
+Manifests of format version 1 (plain, softmax heads) still load. A plain single-head
+classifier folder (no manifest) is read as a bundle of one head named after the folder, a
+sigmoid head if its config says ``problem_type: multi_label_classification``; regression heads
+are refused. Weights are safetensors only: pickle files are refused, never unpickled.
 
 Every file is read only if it is a regular file inside the bundle folder (symlinks resolved;
 for a Hub download, inside that model's cache folder): an index entry with ``..`` or an
@@ -22,15 +34,18 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ._files import MAX_CONFIG_BYTES, MAX_JSON_BYTES, open_regular, read_text
+from ._files import MAX_CONFIG_BYTES, MAX_JSON_BYTES, open_regular, read_bytes, read_text
 from ._safetensors import read_header
 from ._validate import Checker, parse_json, parse_yaml
 from .exceptions import ModelLoadError
-from .labels import Head, check_heads, duplicates, head_name_from_id, qualified_label
+from .families import FAMILIES, Family
+from .labels import (HEAD_KINDS, MULTI_LABEL, SINGLE_LABEL, Head, check_heads, duplicates,
+                     head_name_from_id, qualified_label)
 
 __all__ = [
     "BundleInfo",
@@ -42,16 +57,26 @@ __all__ = [
     "weight_files",
     "write_manifest",
     "config_for_heads",
-    "output_layer_prefix",
+    "head_kind",
     "hash_files",
     "read_json",
     "read_vocab",
+    "tokenizer_signature",
     "save_tokenizer",
     "copy_tokenizer",
+    "PLAIN",
+    "PER_HEAD",
+    "PER_HEAD_WEIGHTS",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "guardmerge.json"
+#: layouts (see the module docstring)
+PLAIN = "plain"
+PER_HEAD = "per_head"
+#: a per-head bundle's weights (not model.safetensors: plain transformers must not load it)
+PER_HEAD_WEIGHTS = "guardmerge.safetensors"
 _MANIFEST_NAMES = ("guardmerge.json", "guardmerge.yaml", "guardmerge.yml")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 #: every file a tokenizer may consist of: all of them are copied into a bundle. ``True`` marks
@@ -59,39 +84,21 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 TOKENIZER_FILES: dict[str, bool] = {
     "tokenizer.json": True, "vocab.txt": True, "vocab.json": True, "spm.model": True,
     "sentencepiece.bpe.model": True, "merges.txt": False, "tokenizer_config.json": False,
-    "special_tokens_map.json": False, "added_tokens.json": False,
+    "special_tokens_map.json": False, "added_tokens.json": False, "chat_template.jinja": False,
 }
 # Hub downloads: everything a bundle needs, never a pickle.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.yaml", "*.yml"]
 
-# Name (prefix) of the final classification layer per model type: the tensors HM3 expands.
-_OUTPUT_LAYERS = {
-    "bert": "classifier",
-    "distilbert": "classifier",
-    "albert": "classifier",
-    "deberta": "classifier",
-    "deberta-v2": "classifier",
-    "mobilebert": "classifier",
-    "roberta": "classifier.out_proj",
-    "xlm-roberta": "classifier.out_proj",
-    "electra": "classifier.out_proj",
-    "camembert": "classifier.out_proj",
-    "modernbert": "classifier",
-}
-
-
-def output_layer_prefix(model_type: str) -> str:
-    try:
-        return _OUTPUT_LAYERS[model_type]
-    except KeyError:
-        raise ModelLoadError(
-            f"model type {model_type!r} is not supported (supported: {sorted(_OUTPUT_LAYERS)})"
-        ) from None
 
 
 @dataclass
 class BundleInfo:
-    """What a bundle folder holds, validated; no weights are loaded."""
+    """What a bundle folder holds, validated; no weights are loaded.
+
+    ``layout``: ``plain`` or ``per_head``; ``family``: the model family (None for a plain
+    classifier of a type guardmerge cannot split into encoder and head: it still runs, as
+    transformers runs it, but cannot be merged).
+    """
 
     path: Path
     heads: tuple[Head, ...]
@@ -99,6 +106,20 @@ class BundleInfo:
     weight_files: list[Path]
     tensors: dict[str, dict[str, Any]] = field(repr=False)
     manifest: dict[str, Any] | None = None
+    layout: str = PLAIN
+    family: Family | None = None
+
+    def module_tensors(self) -> dict[str, list[str]]:
+        """Per head of a per-head bundle, its module tensors as the manifest lists them."""
+        raw = (self.manifest or {}).get("heads") or []
+        return {h.name: list(r["modules"]["tensors"]) for h, r in zip(self.heads, raw)
+                if h.modules is not None}
+
+    @property
+    def plain_transformers(self) -> bool:
+        """Whether plain ``AutoModelForSequenceClassification`` loads this folder (it then
+        returns the concatenated logits; the per-head softmax / sigmoid is guardmerge's)."""
+        return self.layout == PLAIN
 
     @property
     def num_labels(self) -> int:
@@ -181,12 +202,16 @@ def _shard_name(index: Path, key: str, name: Any) -> str:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors weight files of a model folder (one file, or the shards of an index),
-    each checked to be a regular file inside the folder."""
+    """The safetensors weight files of a model folder (one file, the shards of an index, or a
+    per-head bundle's ``guardmerge.safetensors``), each checked to be a regular file inside the
+    folder."""
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
+    per_head = folder / PER_HEAD_WEIGHTS
     if single.exists() or single.is_symlink():
         return [_check_file(folder, single, "weights file")]
+    if (per_head.exists() or per_head.is_symlink()) and not index.exists():
+        return [_check_file(folder, per_head, "weights file")]
     if index.exists():
         data = read_json(index)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
@@ -255,11 +280,7 @@ def _read_manifest(folder: Path) -> tuple[Path | None, dict[str, Any] | None]:
 
 def _heads_from_manifest(path: Path, manifest: Mapping[str, Any]) -> tuple[Head, ...]:
     """The manifest's heads; every malformed field is a ModelLoadError naming file and field."""
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION or isinstance(version, bool):
-        raise ModelLoadError(
-            f"{path}: format_version is {version!r}; this guardmerge reads version {FORMAT_VERSION}"
-        )
+    version = manifest_version(path, manifest)
     c = Checker(str(path))
     raw_heads = manifest.get("heads")
     if not isinstance(raw_heads, list) or not raw_heads:
@@ -281,13 +302,100 @@ def _heads_from_manifest(path: Path, manifest: Mapping[str, Any]) -> tuple[Head,
         for key in ("id", "revision", "sha256"):
             if src.get(key) is not None:
                 c.string(src[key], f"{where}.source.{key}")
-        extra = {k: v for k, v in h.items() if k not in {"name", "labels", "offset", "source"}}
-        if name is None or labels is None or offset is None or c.problems:
+        kind = SINGLE_LABEL
+        if version >= 2:
+            kind = c.choice(h.get("kind", SINGLE_LABEL), f"{where}.kind", HEAD_KINDS)
+        modules = None
+        if h.get("modules") is not None:
+            mod = c.mapping(h["modules"], f"{where}.modules", required=("prefix", "tensors"),
+                            allowed=("prefix", "tensors")) if version >= 2 else \
+                c.add(f"{where}.modules", "per-head modules need format_version 2")
+            if mod is not None:
+                modules = c.string(mod.get("prefix"), f"{where}.modules.prefix")
+                if modules is not None and not re.fullmatch(r"heads\.\d+\.", modules):
+                    c.add(f"{where}.modules.prefix", f"expected 'heads.<n>.', got {modules!r}")
+                    modules = None
+                c.string_list(mod.get("tensors"), f"{where}.modules.tensors",
+                              allow_single=False)
+        extra = {k: v for k, v in h.items()
+                 if k not in {"name", "labels", "offset", "source", "kind", "modules"}}
+        if name is None or labels is None or offset is None or kind is None or c.problems:
             continue
         heads.append(Head(name=name, labels=tuple(labels), offset=offset, source=src.get("id"),
-                          revision=src.get("revision"), sha256=src.get("sha256"), extra=extra))
+                          revision=src.get("revision"), sha256=src.get("sha256"), extra=extra,
+                          kind=kind, modules=modules))
     c.raise_if_any(ModelLoadError)
     return tuple(heads)
+
+
+def manifest_version(path: Path, manifest: Mapping[str, Any]) -> int:
+    version = manifest.get("format_version")
+    if version not in _READABLE_VERSIONS or isinstance(version, bool):
+        raise ModelLoadError(
+            f"{path}: format_version is {version!r}; this guardmerge reads versions "
+            f"{', '.join(map(str, _READABLE_VERSIONS))}")
+    return int(version)
+
+
+def head_kind(config: Mapping[str, Any], config_path: Path | str, n_labels: int) -> str:
+    """A plain classifier's head kind from its config's ``problem_type``: ``multi_label``
+    for multi_label_classification, else ``single_label``. A regression head (problem_type
+    regression, or one output without a problem_type, which transformers trains as regression)
+    is a ModelLoadError: it gives a number, not label probabilities."""
+    problem = config.get("problem_type")
+    if problem == "multi_label_classification":
+        return MULTI_LABEL
+    if problem == "regression" or (problem is None and n_labels == 1):
+        why = "problem_type: regression" if problem == "regression" else \
+            "one output and no problem_type (transformers trains that as regression)"
+        raise ModelLoadError(f"{config_path}: a regression head ({why}); guardmerge scores "
+                             "classification heads only (softmax or multi-label sigmoid)")
+    if problem not in (None, "single_label_classification"):
+        raise ModelLoadError(f"{config_path}: problem_type: unknown value {problem!r}")
+    return SINGLE_LABEL
+
+
+def _check_layout(path: Path, manifest: Mapping[str, Any], heads: Sequence[Head],
+                  family: Family | None, files: Sequence[Path],
+                  tensors: Mapping[str, Any]) -> str:
+    """The manifest's layout, checked against the weights: a per-head bundle lists each head's
+    module tensors, which must exist, and keeps its weights in ``guardmerge.safetensors``."""
+    layout = manifest.get("layout", PLAIN)
+    if layout not in (PLAIN, PER_HEAD):
+        raise ModelLoadError(f"{path}: layout: expected {PLAIN} or {PER_HEAD}, got {layout!r}")
+    moduled = [h for h in heads if h.modules is not None]
+    if layout == PLAIN:
+        if moduled:
+            raise ModelLoadError(f"{path}: heads[{heads.index(moduled[0])}].modules: a plain "
+                                 "bundle has no per-head modules")
+        if any(f.name == PER_HEAD_WEIGHTS for f in files):
+            raise ModelLoadError(f"{path}: layout is plain but the weights are in "
+                                 f"{PER_HEAD_WEIGHTS} (expected model.safetensors)")
+        return layout
+    if family is None or not family.has_head_modules:
+        raise ModelLoadError(f"{path}: layout {PER_HEAD} needs a model family with head modules")
+    if [f.name for f in files] != [PER_HEAD_WEIGHTS]:
+        raise ModelLoadError(f"{path}: a {PER_HEAD} bundle keeps its weights in "
+                             f"{PER_HEAD_WEIGHTS}, found {', '.join(f.name for f in files)}")
+    raw = manifest.get("heads") or []
+    for i, h in enumerate(heads):
+        if h.modules is None:
+            raise ModelLoadError(f"{path}: heads[{i}].modules: missing (layout {PER_HEAD})")
+        listed = list(raw[i]["modules"]["tensors"])
+        for name in listed:
+            if not name.startswith(h.modules) or \
+                    family.head_module_of(name[len(h.modules):]) is None:
+                raise ModelLoadError(f"{path}: heads[{i}].modules.tensors: {name!r} is not a "
+                                     f"{family.name} head-module tensor under {h.modules!r} "
+                                     f"(head modules: {', '.join(family.head_modules)})")
+            if name not in tensors:
+                raise ModelLoadError(f"{files[0]}: no tensor {name!r} (listed for head "
+                                     f"{h.name!r} in {path.name})")
+        present = sorted(n for n in tensors if n.startswith(h.modules))
+        if present != sorted(listed):
+            raise ModelLoadError(f"{path}: heads[{i}].modules.tensors lists {sorted(listed)}, "
+                                 f"the weights hold {present} under {h.modules!r}")
+    return layout
 
 
 def inspect_bundle(model: str | os.PathLike[str], revision: str | None = None) -> BundleInfo:
@@ -301,12 +409,13 @@ def inspect_bundle(model: str | os.PathLike[str], revision: str | None = None) -
         raise ModelLoadError(
             f"{config_path}: declares custom code (auto_map); guardmerge never runs remote code"
         )
+    family = FAMILIES.get(str(config["model_type"]))
     labels = _id2label(config, config_path)
     files = weight_files(folder)
     tensors: dict[str, dict[str, Any]] = {}
     for wf in files:
         tensors.update(read_header(wf).tensors)
-    prefix = _OUTPUT_LAYERS.get(str(config["model_type"]))
+    prefix = family.output if family else None
     if labels is None:
         out = tensors.get(f"{prefix}.weight") if prefix else None
         if out is None:
@@ -322,6 +431,7 @@ def inspect_bundle(model: str | os.PathLike[str], revision: str | None = None) -
                              f"{', '.join(vocab_files)})")
 
     manifest_path, manifest = _read_manifest(folder)
+    layout = PLAIN
     if manifest is not None:
         assert manifest_path is not None
         heads = _heads_from_manifest(manifest_path, manifest)
@@ -334,9 +444,13 @@ def inspect_bundle(model: str | os.PathLike[str], revision: str | None = None) -
                 f"{manifest_path}: heads do not match {config_path.name} id2label "
                 f"(manifest gives {expected}, config has {labels})"
             )
+        layout = _check_layout(manifest_path, manifest, heads, family, files, tensors)
     else:
+        if any(f.name == PER_HEAD_WEIGHTS for f in files):
+            raise ModelLoadError(f"{folder}: {PER_HEAD_WEIGHTS} without a manifest")
         heads = (Head(name=head_name_from_id(str(model) if hub_revision else folder.name),
-                      labels=tuple(labels), offset=0, source=str(model), revision=hub_revision),)
+                      labels=tuple(labels), offset=0, source=str(model), revision=hub_revision,
+                      kind=head_kind(config, config_path, len(labels))),)
 
     if prefix is not None:
         weight = tensors.get(f"{prefix}.weight")
@@ -350,7 +464,7 @@ def inspect_bundle(model: str | os.PathLike[str], revision: str | None = None) -
                 f"{config_path.name} declares {len(labels)} labels"
             )
     return BundleInfo(path=folder, heads=heads, config=config, weight_files=files,
-                      tensors=tensors, manifest=manifest)
+                      tensors=tensors, manifest=manifest, layout=layout, family=family)
 
 
 def hash_files(paths: Sequence[Path]) -> str:
@@ -364,15 +478,30 @@ def hash_files(paths: Sequence[Path]) -> str:
 
 
 def write_manifest(folder: Path, heads: Sequence[Head], recipe: Mapping[str, Any] | None,
-                   extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``guardmerge.json`` (deterministic: sorted keys, no timestamps)."""
+                   extra: Mapping[str, Any] | None = None, *,
+                   module_tensors: Mapping[str, Sequence[str]] | None = None) -> Path:
+    """Write ``guardmerge.json`` (deterministic: sorted keys, no timestamps).
+
+    ``module_tensors``: head name -> its module tensors (full names), for a per-head bundle
+    (every head then has ``modules``, its prefix)."""
     from . import __version__
 
+    entries = []
+    for h in heads:
+        entry = h.to_dict()
+        entry.pop("modules", None)
+        if h.modules is not None:
+            if module_tensors is None or h.name not in module_tensors:
+                raise ValueError(f"head {h.name!r} has modules but no tensors were given")
+            entry["modules"] = {"prefix": h.modules, "tensors": sorted(module_tensors[h.name])}
+        entries.append(entry)
+    per_head = any(h.modules is not None for h in heads)
     manifest: dict[str, Any] = {
         "format": "guardmerge-bundle",
         "format_version": FORMAT_VERSION,
         "guardmerge_version": __version__,
-        "heads": [h.to_dict() for h in heads],
+        "layout": PER_HEAD if per_head else PLAIN,
+        "heads": entries,
         "recipe": dict(recipe) if recipe is not None else None,
     }
     if extra:
@@ -389,16 +518,53 @@ def config_for_heads(config: Mapping[str, Any], heads: Sequence[Head]) -> dict[s
                                                         "_name_or_path"}}
     out["id2label"] = {str(i): n for i, n in enumerate(names)}
     out["label2id"] = {n: i for i, n in enumerate(names)}
+    # transformers' problem_type says how its own training would score the logits; guardmerge
+    # reads each head's kind from the manifest. All sigmoid heads: multi-label; all softmax:
+    # single-label; mixed: left out (no transformers setting describes it).
+    out.pop("problem_type", None)
+    kinds = {h.kind for h in heads}
+    if kinds == {MULTI_LABEL}:
+        out["problem_type"] = "multi_label_classification"
+    elif kinds == {SINGLE_LABEL} and len(names) > 1:
+        out["problem_type"] = "single_label_classification"
     return out
 
 
-def read_vocab(folder: Path) -> dict[str, int] | None:
-    """The tokenizer vocabulary (token -> id) read from a folder's files (no transformers
-    import); None when the folder has no vocabulary file."""
-    tj = folder / "tokenizer.json"
+#: a tokenizer.json may be large (XLM-RoBERTa's is 17 MB); read at most this much
+MAX_TOKENIZER_BYTES = 256 << 20
+
+
+def _tokenizer_text(folder: Path, name: str) -> str | None:
+    path = folder / name
+    if not path.exists() and not path.is_symlink():
+        return None
+    return read_text(path, ModelLoadError, root=folder_root(folder), limit=MAX_TOKENIZER_BYTES,
+                     what="tokenizer file")
+
+
+def _merge_pairs(merges: Any) -> list[tuple[str, str]]:
+    """BPE merges as pairs, whichever way the file writes them ("a b" or ["a", "b"])."""
+    out = []
+    for m in merges or []:
+        if isinstance(m, str):
+            a, _, b = m.partition(" ")
+            out.append((a, b))
+        else:
+            out.append((str(m[0]), str(m[1])))
+    return out
+
+
+def tokenizer_signature(folder: Path) -> dict[str, Any] | None:
+    """What decides which ids a text becomes, read from a folder's tokenizer files (no
+    transformers): ``model`` (WordPiece / BPE / Unigram), ``vocab`` (token -> id, added tokens
+    included), ``merges`` (BPE merge pairs, in order) and ``sentencepiece`` (sha256 of each
+    SentencePiece model file). None when the folder has no vocabulary file. Two sources merge
+    only where every part both have is equal."""
+    sig: dict[str, Any] = {}
     try:
-        if tj.exists():
-            data = json.loads(tj.read_text(encoding="utf-8"))
+        text = _tokenizer_text(folder, "tokenizer.json")
+        if text is not None:
+            data = json.loads(text)
             model = data.get("model") or {}
             vocab = model.get("vocab")
             if isinstance(vocab, list):  # unigram: [[piece, score], ...]
@@ -409,17 +575,40 @@ def read_vocab(folder: Path) -> dict[str, int] | None:
                 raise ValueError("no model.vocab")
             for tok in data.get("added_tokens") or []:
                 out[str(tok["content"])] = int(tok["id"])
-            return out
-        vt = folder / "vocab.txt"
-        if vt.exists():
-            return {line.rstrip("\n"): i for i, line in
-                    enumerate(vt.read_text(encoding="utf-8").splitlines())}
-        vj = folder / "vocab.json"
-        if vj.exists():
-            return {str(k): int(v) for k, v in json.loads(vj.read_text(encoding="utf-8")).items()}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+            sig["model"] = str(model.get("type"))
+            sig["vocab"] = out
+            if model.get("type") == "BPE":
+                sig["merges"] = _merge_pairs(model.get("merges"))
+        else:
+            vt = _tokenizer_text(folder, "vocab.txt")
+            vj = _tokenizer_text(folder, "vocab.json")
+            if vt is not None:
+                lines = vt.split("\n")
+                if lines and lines[-1] == "":
+                    lines.pop()
+                sig["vocab"] = {line.rstrip("\r"): i for i, line in enumerate(lines)}
+            elif vj is not None:
+                sig["vocab"] = {str(k): int(v) for k, v in json.loads(vj).items()}
+            mt = _tokenizer_text(folder, "merges.txt")
+            if mt is not None:
+                lines = [ln for ln in mt.splitlines() if ln and not ln.startswith("#version")]
+                sig["merges"] = _merge_pairs(lines)
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise ModelLoadError(f"{folder}: cannot read the tokenizer vocabulary: {exc}") from exc
-    return None
+    for name in ("spm.model", "sentencepiece.bpe.model"):
+        path = folder / name
+        if path.exists() or path.is_symlink():
+            data = read_bytes(path, ModelLoadError, root=folder_root(folder),
+                              limit=MAX_TOKENIZER_BYTES, what="tokenizer file")
+            sig.setdefault("sentencepiece", {})[name] = hashlib.sha256(data).hexdigest()
+    return sig or None
+
+
+def read_vocab(folder: Path) -> dict[str, int] | None:
+    """The tokenizer vocabulary (token -> id) read from a folder's files (no transformers
+    import); None when the folder has none that can be read without a SentencePiece parser."""
+    sig = tokenizer_signature(folder)
+    return None if sig is None else sig.get("vocab")
 
 
 def _wordpiece(folder: Path) -> bool:
@@ -448,10 +637,13 @@ def save_tokenizer(tokenizer: Any, folder: str | os.PathLike[str]) -> None:
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
-    """Copy every tokenizer file of ``src`` (``TOKENIZER_FILES``) into ``dst``."""
-    import shutil
-
+    """Copy every tokenizer file of ``src`` (``TOKENIZER_FILES``: WordPiece, BPE's vocab.json
+    + merges.txt, SentencePiece models, tokenizer.json and its configs) into ``dst``, byte for
+    byte; each read only as a regular file inside ``src`` (its Hub cache folder for a download)."""
     for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
+        path = src / name
+        if path.exists() or path.is_symlink():
+            data = read_bytes(path, ModelLoadError, root=folder_root(src),
+                              limit=MAX_TOKENIZER_BYTES, what="tokenizer file")
+            (dst / name).write_bytes(data)
     _ensure_vocab_txt(dst)

@@ -1,9 +1,11 @@
 """The multi-head guard runtime: one model, all heads, every window of a call in one pass.
 
-``BundleClassifier.classify(texts)`` tokenises each text once, cuts it into overlapping windows,
-runs all windows of all texts as length-sorted, dynamically padded batches, applies softmax to
-each head's slice of the logits separately, and keeps, per label, the maximum over windows and
-the window that gave it. ``FunctionClassifier`` is a model-free stand-in with the same interface,
+``BundleClassifier.classify(texts)`` tokenises each text once, cuts it into overlapping windows
+(sized and wrapped in special tokens as the model's tokenizer and config say), runs all windows
+of all texts as length-sorted, dynamically padded batches through the guard model (one encoder
+pass, then each head's own modules: ``guardmerge._model``), turns each head's slice of the logits
+into probabilities (softmax for a single-label head, a sigmoid per label for a multi-label one),
+and keeps, per label, the maximum over windows and the window that gave it. ``FunctionClassifier`` is a model-free stand-in with the same interface,
 for tests and for wiring checks.
 
 torch and transformers are imported when a model is loaded, not when this module is: the
@@ -36,7 +38,7 @@ __all__ = [
     "RuntimeOptions",
     "TextScores",
     "HeadScores",
-    "per_head_softmax",
+    "per_head_probabilities",
     "resolve_dtype",
     "validate_scores",
 ]
@@ -109,7 +111,8 @@ def resolve_dtype(dtype: "str | torch.dtype") -> "torch.dtype":
 class HeadScores:
     """One head's result for one text.
 
-    ``window_probs[w]`` is the softmax over this head's labels for window ``w`` (sums to 1).
+    ``window_probs[w]`` is this head's probabilities for window ``w``: a softmax over its labels
+    (sums to 1) for a single-label head, each label's own sigmoid for a multi-label head.
     ``scores[label]`` is the label's maximum over windows and ``windows[label]`` the window that
     gave it. For a text that fits one window, ``scores`` is that window's distribution.
     """
@@ -119,6 +122,15 @@ class HeadScores:
     scores: dict[str, float]
     windows: dict[str, int]
     window_probs: list[dict[str, float]]
+    multi_label: bool = False
+
+    @property
+    def predicted(self) -> str | tuple[str, ...]:
+        """The head's prediction: its top label, or for a multi-label head every label whose
+        score is at least 0.5 (in label order; possibly none)."""
+        if self.multi_label:
+            return tuple(lab for lab in self.labels if self.scores[lab] >= 0.5)
+        return self.top[0]
 
     @property
     def top(self) -> tuple[str, float]:
@@ -186,15 +198,18 @@ class Classifier:
         h = self.heads[0]
         if len(labels) != h.size:
             raise ConfigError(f"{len(labels)} label names given; the model has {h.size} labels")
-        self.heads = (Head(name=h.name, labels=tuple(labels), offset=0),)
+        self.heads = (replace(h, labels=tuple(labels), offset=0),)
 
 
 _SLACK = 1e-4  # float32 softmax rounding
+_SUM_SLACK = 1e-3  # a single-label head's window distribution sums to 1 (bfloat16 rounding)
 
 
 def validate_scores(results: Any, n_texts: int, heads: Sequence[Head], name: str) -> None:
     """A ``ClassifierError`` unless ``results`` is one ``TextScores`` per text, each with every
-    head and exactly its labels, finite probabilities in [0, 1] and valid window indices.
+    head and exactly its labels, finite probabilities in [0, 1] and valid window indices; for a
+    single-label (softmax) head each window's distribution must also sum to 1, while a
+    multi-label (sigmoid) head's labels are independent and may sum to anything.
 
     A guard that gets fewer results than texts, a missing head or a NaN would otherwise pass
     text it never scored; the guard treats this error as a failure (``on_error``).
@@ -226,6 +241,14 @@ def validate_scores(results: Any, n_texts: int, heads: Sequence[Head], name: str
                 if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w < len(r.windows):
                     raise ClassifierError(f"{where}: result {i}, {h.name}:{label}: window {w!r} "
                                           f"is not one of its {len(r.windows)} windows")
+            if not h.multi_label and isinstance(hs.window_probs, list):
+                for w, dist in enumerate(hs.window_probs):
+                    total = sum(float(v) for v in dist.values()) if isinstance(dist, Mapping) \
+                        else math.nan
+                    if not abs(total - 1.0) <= _SUM_SLACK:
+                        raise ClassifierError(f"{where}: result {i}, head {h.name!r}, window {w}: "
+                                              f"probabilities sum to {total!r}, not 1 (a "
+                                              "single-label head's labels exclude each other)")
 
 
 def check_finite_weights(model: Any, where: str) -> None:
@@ -238,14 +261,18 @@ def check_finite_weights(model: Any, where: str) -> None:
                                  "guard with non-finite weights cannot score text")
 
 
-def per_head_softmax(logits: "torch.Tensor", heads: Sequence[Head]) -> "torch.Tensor":
-    """Softmax over each head's slice of the last dimension separately (float32 result)."""
+def per_head_probabilities(logits: "torch.Tensor", heads: Sequence[Head]) -> "torch.Tensor":
+    """Each head's slice of the last dimension as probabilities, separately (float32 result):
+    a softmax over a single-label head's labels, a sigmoid of each logit of a multi-label
+    head."""
     import torch
 
     logits = logits.float()
     out = torch.empty_like(logits)
     for h in heads:
-        out[..., h.offset:h.stop] = torch.softmax(logits[..., h.offset:h.stop], dim=-1)
+        part = logits[..., h.offset:h.stop]
+        out[..., h.offset:h.stop] = torch.sigmoid(part) if h.multi_label else \
+            torch.softmax(part, dim=-1)
     return out
 
 
@@ -264,7 +291,8 @@ def _aggregate(text_index: int, windows: list[Window], rows: list[list[float]],
             best_window[lab] = best
         result[h.name] = HeadScores(head=h.name, labels=h.labels, scores=scores,
                                     windows=best_window,
-                                    window_probs=[dict(zip(h.labels, r)) for r in part])
+                                    window_probs=[dict(zip(h.labels, r)) for r in part],
+                                    multi_label=h.multi_label)
     return TextScores(text_index=text_index, n_tokens=n_tokens, scanned_tokens=scanned,
                       windows=windows, heads=result, text_length=length)
 
@@ -324,23 +352,64 @@ def _window_overlap(overlap: int | None, window_tokens: int) -> int:
     return int(overlap)
 
 
+def load_tokenizer(folder: Any) -> Any:
+    """A bundle's (or source's) tokenizer, no remote code; a ModelLoadError naming the folder."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as exc:
+        raise ModelLoadError(f"{folder}: cannot load the tokenizer: {exc}") from exc
+
+
+_PROBE = "hello world"
+
+
+def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after one text (``[CLS]`` / ``[SEP]``, ``<s>`` /
+    ``</s>`` ...): what ``tokenizer(text)`` adds, so a window is exactly what the model was
+    fine-tuned on."""
+    try:
+        wrapped = list(tokenizer(_PROBE, add_special_tokens=True)["input_ids"])
+        bare = list(tokenizer(_PROBE, add_special_tokens=False)["input_ids"])
+    except Exception as exc:
+        raise ModelLoadError(f"cannot probe the tokenizer's special tokens: {exc}") from exc
+    for start in range(len(wrapped) - len(bare) + 1):
+        if wrapped[start:start + len(bare)] == bare:
+            return wrapped[:start], wrapped[start + len(bare):]
+    raise ModelLoadError(f"the tokenizer's special tokens do not wrap the text ({bare} became "
+                         f"{wrapped}); guardmerge cannot cut its windows")
+
+
+def window_limit(info: BundleInfo, tokenizer: Any) -> int:
+    """Tokens per window (special tokens included) the model takes: its config's position limit
+    (``max_position_embeddings``, less RoBERTa's padding offset; ModernBERT's 8192) and the
+    tokenizer's ``model_max_length``, whichever is smaller (an unset one is ignored)."""
+    config = info.config
+    limit = info.family.max_positions(config) if info.family else \
+        config.get("max_position_embeddings")
+    if not isinstance(limit, int) or limit <= 0:
+        limit = 512
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
+        limit = min(limit, tok_max)
+    return int(limit)
+
+
 class BundleClassifier(Classifier):
     """A loaded guard bundle. Thread-safe: load once, call from many threads."""
 
     def __init__(self, model: Any, tokenizer: Any, heads: Sequence[Head], *,
                  info: BundleInfo | None = None, max_length: int = 512,
                  overlap: int | None = None, batch_size: int = 8) -> None:
+        from ._model import as_guard_model
+
         RuntimeOptions(batch_size=batch_size, overlap=overlap, max_length=max_length)  # checks
-        self.model = model
-        self.tokenizer = tokenizer
         self.heads = tuple(heads)
+        self.model = as_guard_model(model, self.heads)
+        self.tokenizer = tokenizer
         self.info = info
         self.name = str(info.path) if info else type(model).__name__
-        self.max_length = int(max_length)
-        self.window_tokens = self.max_length - 2
-        self.overlap = _window_overlap(overlap, self.window_tokens)
-        self.batch_size = int(batch_size)
-        self.stats = RuntimeStats()
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise ModelLoadError("guardmerge needs a fast (tokenizers-backed) tokenizer with offsets")
@@ -351,12 +420,17 @@ class BundleClassifier(Classifier):
         self._encoder = Tokenizer.from_str(backend.to_str())
         self._encoder.no_truncation()
         self._encoder.no_padding()
-        self.cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-        self.sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        self.prefix_ids, self.suffix_ids = special_tokens(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        if self.cls_id is None or self.sep_id is None:
-            raise ModelLoadError("tokenizer has no CLS/SEP (or BOS/EOS) special tokens")
-        self.dtype = next(model.parameters()).dtype
+        self.max_length = int(max_length)
+        self.window_tokens = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        if self.window_tokens < 1:
+            raise ConfigError(f"max_length: {max_length} leaves no room beside the tokenizer's "
+                              f"{len(self.prefix_ids) + len(self.suffix_ids)} special tokens")
+        self.overlap = _window_overlap(overlap, self.window_tokens)
+        self.batch_size = int(batch_size)
+        self.stats = RuntimeStats()
+        self.dtype = next(self.model.parameters()).dtype
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike[str], *, revision: str | None = None,
@@ -369,7 +443,8 @@ class BundleClassifier(Classifier):
         torch defines it), ``batch_size``, ``overlap``, ``max_length``.
         """
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from ._model import load_guard_model
 
         opts = replace(options or RuntimeOptions(), **overrides) if overrides else \
             (options or RuntimeOptions())
@@ -377,22 +452,10 @@ class BundleClassifier(Classifier):
         torch_dtype = resolve_dtype(opts.dtype)
         if opts.threads is not None:
             torch.set_num_threads(int(opts.threads))
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(info.path, trust_remote_code=False)
-        except Exception as exc:
-            raise ModelLoadError(f"{info.path}: cannot load the tokenizer: {exc}") from exc
-        try:
-            net = AutoModelForSequenceClassification.from_pretrained(
-                info.path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=False)
-        except Exception as exc:
-            raise ModelLoadError(f"{info.path}: cannot load the model: {exc}") from exc
-        net.eval()
+        tokenizer = load_tokenizer(info.path)
+        net = load_guard_model(info, torch_dtype)
         check_finite_weights(net, str(info.path))
-        config_max = int(getattr(net.config, "max_position_embeddings", 512) or 512)
-        if net.config.model_type in {"roberta", "xlm-roberta", "camembert"}:
-            config_max -= 2  # position ids start after the padding index
-        tok_max = int(getattr(tokenizer, "model_max_length", config_max) or config_max)
-        limit = min(config_max, tok_max if tok_max < 1_000_000 else config_max)
+        limit = window_limit(info, tokenizer)
         if opts.max_length is not None:
             if opts.max_length > limit:
                 raise ConfigError(f"max_length: must be in [3, {limit}] for {info.path}, got "
@@ -437,7 +500,7 @@ class BundleClassifier(Classifier):
                 cs = offsets[s][0] if e > s else 0
                 ce = offsets[e - 1][1] if e > s else 0
                 windows.append(Window(ti, wi, s, e, cs, ce))
-                items.append((ti, wi, [self.cls_id, *ids[s:e], self.sep_id]))
+                items.append((ti, wi, [*self.prefix_ids, *ids[s:e], *self.suffix_ids]))
             per_text.append((windows, n, scan, len(texts[ti])))
         return Prepared(items=items, per_text=per_text)
 
@@ -482,9 +545,11 @@ class BundleClassifier(Classifier):
                     for row, (_, _, ids) in enumerate(batch):
                         input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
                         mask[row, :len(ids)] = 1
-                    logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+                    # one segment: token type 0 everywhere (passed only to encoders that read it)
+                    logits = self.model(input_ids=input_ids, attention_mask=mask,
+                                        token_type_ids=torch.zeros_like(input_ids)).logits
                     passes += 1
-                    rows = per_head_softmax(logits, self.heads).tolist()
+                    rows = per_head_probabilities(logits, self.heads).tolist()
                     for row, (ti, wi, _) in enumerate(batch):
                         results[(ti, wi)] = rows[row]
         except Exception as exc:
@@ -499,7 +564,8 @@ class FunctionClassifier(Classifier):
 
     For tests and wiring checks, the way ``httpx.MockTransport`` stands in for a network. The
     text is one window; its token count is its whitespace-separated word count. Labels a
-    function leaves out share what is left of the head's probability mass equally.
+    function leaves out share what is left of the head's probability mass equally (a
+    multi-label head's, given as ``Head`` objects, score 0).
 
     >>> clf = FunctionClassifier({"jb": ["benign", "jailbreak"]},
     ...     lambda t: {"jb": {"jailbreak": 0.99 if "ignore previous" in t else 0.01}})
@@ -539,7 +605,7 @@ class FunctionClassifier(Classifier):
                     raise ClassifierError(f"function returned unknown labels {sorted(unknown)} "
                                           f"for head {h.name!r}")
                 rest = [lab for lab in h.labels if lab not in given]
-                left = max(0.0, 1.0 - sum(given.values()))
+                left = 0.0 if h.multi_label else max(0.0, 1.0 - sum(given.values()))
                 for j, lab in enumerate(h.labels):
                     row[h.offset + j] = float(given.get(lab, left / len(rest) if rest else 0.0))
             window = Window(ti, 0, 0, scanned, 0, len(scan_text))

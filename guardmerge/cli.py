@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -113,7 +114,8 @@ def _build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--quick", action="store_true", help="a fraction of the data (smoke run)")
     bg.add_argument("--rebuild", action="store_true", help="delete the cached guards first")
 
-    b = sub.add_parser("bench", help="benchmarks (not tests): runtime, merge, middleware, search")
+    b = sub.add_parser("bench", help="benchmarks (not tests): runtime, heads, merge, middleware, "
+                       "search")
     b_sub = b.add_subparsers(dest="bench_command", metavar="WHICH", parser_class=_Parser)
     br = b_sub.add_parser("runtime", help="window latency / throughput, fp32 vs bf16")
     br.add_argument("--layers", type=int, default=12)
@@ -124,6 +126,17 @@ def _build_parser() -> argparse.ArgumentParser:
     br.add_argument("--long-tokens", type=int, default=20000)
     br.add_argument("--dtypes", default="float32,bfloat16")
     br.add_argument("--threads", type=int, default=None)
+    bh = b_sub.add_parser("heads", help="encoder pass vs per-head cost, 1 head vs 3 heads with "
+                          "their own head modules")
+    bh.add_argument("--family", default="deberta-v2")
+    bh.add_argument("--layers", type=int, default=12)
+    bh.add_argument("--hidden", type=int, default=768)
+    bh.add_argument("--attention-heads", type=int, default=12)
+    bh.add_argument("--intermediate", type=int, default=3072)
+    bh.add_argument("--tokens", type=int, default=128)
+    bh.add_argument("--batch", type=int, default=8)
+    bh.add_argument("--repeats", type=int, default=5)
+    bh.add_argument("--dtype", default="float32")
     bw = b_sub.add_parser("middleware", help="guard wrapper overhead per call; history cache")
     bw.add_argument("--calls", type=int, default=2000)
     bw.add_argument("--turns", type=int, default=20)
@@ -258,6 +271,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         "layers": info.config.get("num_hidden_layers", info.config.get("n_layers")),
         "hidden_size": info.config.get("hidden_size", info.config.get("dim")),
         "manifest": info.manifest is not None,
+        "layout": info.layout,
+        "plain_transformers": info.plain_transformers,
+        "family": None if info.family is None else {
+            "name": info.family.name, "encoder": info.family.encoder,
+            "reads": info.family.reads, "head_modules": list(info.family.head_modules),
+            "output": info.family.output},
         "heads": [h.to_dict() for h in info.heads],
         "recipe": info.recipe,
     }
@@ -268,13 +287,31 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"model      {data['model_type']}, {data['layers']} layers, hidden {data['hidden_size']}, "
           f"{data['parameters'] / 1e6:.2f}M parameters, {data['weight_bytes'] / 2**20:.1f} MiB "
           f"({', '.join(data['dtypes'])})")
+    fam = info.family
+    if fam is None:
+        print("family     unknown to guardmerge: it runs as transformers runs it, but cannot "
+              "be merged")
+    else:
+        modules = f"head modules {', '.join(fam.head_modules)} (per head, never merged)" \
+            if fam.head_modules else "no head modules"
+        print(f"family     {fam.name}, reads {fam.describe_reads(info.config)}; {modules}; "
+              f"output layer {fam.output}")
+    if info.plain_transformers:
+        print("layout     plain: AutoModelForSequenceClassification loads it (the concatenated "
+              "logits; per-head softmax / sigmoid is guardmerge's)")
+    else:
+        print("layout     per_head: plain transformers cannot load it (each head has its own "
+              "head modules, in guardmerge.safetensors); load it with guardmerge")
     if not info.manifest:
         print("manifest   none (a plain single-head classifier)")
     print(f"heads      {len(info.heads)} heads, {info.num_labels} labels")
     for h in info.heads:
         src = f"  <- {h.source}" if h.source else ""
         rev = f"@{h.revision[:12]}" if h.revision else ""
-        print(f"  {h.name:<16} [{h.offset}:{h.stop}] {', '.join(h.labels)}{src}{rev}")
+        mods = f" modules {h.modules}*" if h.modules else ""
+        kind = " (multi_label: a sigmoid per label)" if h.multi_label else ""
+        print(f"  {h.name:<16} [{h.offset}:{h.stop}] {', '.join(h.labels)}{kind}{mods}"
+              f"{src}{rev}")
     recipe = info.recipe
     if recipe:
         print(f"recipe     method={recipe.get('method')} seed={recipe.get('seed')} "
@@ -360,8 +397,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     runtime = from_args(RuntimeOptions, args)
     clf = BundleClassifier.from_pretrained(args.model, options=runtime)
     rename = _single_head_view(clf, args.as_head, args.labels)
-    heads = [h if h.name not in rename else type(h)(name=rename[h.name], labels=h.labels)
-             for h in clf.heads]
+    heads = [h if h.name not in rename else replace(h, name=rename[h.name]) for h in clf.heads]
     examples = load_examples(args.data, heads=heads, skip_bad=args.skip_bad)
     merged = evaluate(clf, examples, model=args.model, rename=rename)
     originals = {}
@@ -436,6 +472,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                        long_tokens=args.long_tokens, dtypes=args.dtypes.split(","),
                        threads=args.threads)
         return EXIT_OK
+    if args.bench_command == "heads":
+        _bench.heads(family=args.family, layers=args.layers, hidden=args.hidden,
+                     attention_heads=args.attention_heads, intermediate=args.intermediate,
+                     tokens=args.tokens, batch=args.batch, repeats=args.repeats,
+                     dtype=args.dtype)
+        return EXIT_OK
     if args.bench_command == "middleware":
         _bench.middleware(calls=args.calls, turns=args.turns)
         return EXIT_OK
@@ -452,8 +494,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         _bench.merge(layers=args.layers, hidden=args.hidden, methods=args.methods.split(","),
                      mergekit=args.mergekit, workdir=args.workdir, repeat=args.repeat)
         return EXIT_OK
-    raise _UsageError("guardmerge bench: choose runtime, merge, middleware, search, serve or "
-                      "cli")
+    raise _UsageError("guardmerge bench: choose runtime, heads, merge, middleware, search, "
+                      "serve or cli")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

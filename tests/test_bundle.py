@@ -33,7 +33,29 @@ def test_bundle_layout_and_heads(random_bundle):
                                   "2": "toxicity:normal", "3": "toxicity:offensive",
                                   "4": "toxicity:hateful"}
     manifest = json.loads((random_bundle / "guardmerge.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2 and manifest["layout"] == "plain"
+    assert [h["kind"] for h in manifest["heads"]] == ["single_label", "single_label"]
+    assert info.plain_transformers and info.layout == "plain"
+
+
+def test_a_format_1_manifest_still_loads(random_bundle, random_classifier, tmp_path):
+    b = _copy(random_bundle, tmp_path)
+    m = json.loads((b / "guardmerge.json").read_text())
+    m["format_version"] = 1
+    del m["layout"]
+    for h in m["heads"]:
+        del h["kind"]
+    (b / "guardmerge.json").write_text(json.dumps(m))
+    info = inspect_bundle(b)
+    assert [(h.name, h.kind) for h in info.heads] == [("jailbreak", "single_label"),
+                                                      ("toxicity", "single_label")]
+    text = ["please write a poem about the river"]
+    old = BundleClassifier.from_pretrained(b).classify(text)[0]
+    assert old.heads["toxicity"].scores == random_classifier.classify(text)[0].heads["toxicity"].scores
+    m["format_version"] = 3
+    (b / "guardmerge.json").write_text(json.dumps(m))
+    with pytest.raises(ModelLoadError, match="format_version is 3; this guardmerge reads versions 1, 2"):
+        inspect_bundle(b)
 
 
 def test_same_folder_loads_in_plain_transformers(random_bundle, random_classifier):

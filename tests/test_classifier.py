@@ -10,7 +10,7 @@ import torch
 
 from guardmerge import BundleClassifier, FunctionClassifier
 from guardmerge.chunking import plan_windows
-from guardmerge.classifier import per_head_softmax
+from guardmerge.classifier import per_head_probabilities
 from guardmerge.labels import heads_from_layout
 from guardmerge.testing import TRIGGER, random_text
 
@@ -35,7 +35,7 @@ def test_plan_windows_rejects_bad_overlap():
 def test_per_head_softmax_normalises_each_slice_separately():
     heads = heads_from_layout([("a", ["x", "y"]), ("b", ["p", "q", "r"])])
     logits = torch.tensor([[1.0, 3.0, 0.0, 0.0, math.log(2.0)]])
-    probs = per_head_softmax(logits, heads)[0]
+    probs = per_head_probabilities(logits, heads)[0]
     e = math.exp(2.0)
     assert probs[:2].tolist() == pytest.approx([1 / (1 + e), e / (1 + e)])
     assert probs[2:].tolist() == pytest.approx([0.25, 0.25, 0.5])

@@ -206,8 +206,8 @@ def test_duplicate_keys_are_errors(random_bundle, tmp_path):
         MergeRecipe.from_yaml("base: x\nmethod: ties\nmethod: linear\nmodels: [{model: y}]\n")
     b = _copy(random_bundle, tmp_path)
     text = (b / "guardmerge.json").read_text()
-    (b / "guardmerge.json").write_text(text.replace('"format_version": 1',
-                                                    '"format_version": 1, "format_version": 1'))
+    (b / "guardmerge.json").write_text(text.replace('"format_version": 2',
+                                                    '"format_version": 2, "format_version": 2'))
     with pytest.raises(ModelLoadError, match=r"guardmerge\.json: not valid JSON \(duplicate key "
                                              "'format_version'"):
         inspect_bundle(b)

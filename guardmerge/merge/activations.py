@@ -1,10 +1,12 @@
 """Running models over calibration texts: what re-fit, RegMean and distillation read from them.
 
-- ``load_model``: a classifier folder as a float32 transformers model and its tokenizer.
+- ``load_model``: a classifier or bundle folder as a float32 guard model (``guardmerge._model``:
+  the encoder once, each head's own modules) and its tokenizer.
 - ``batches``: texts tokenised (truncated to ``max_length``) in fixed-size padded batches.
-- ``logits`` / ``head_probabilities``: a model's logits on texts and their per-head softmax
-  (the teachers' outputs).
-- ``output_inputs``: what the output layer reads (its input features), per text.
+- ``logits`` / ``head_probabilities``: a model's logits on texts and their per-head
+  probabilities (softmax or sigmoid per the head's kind: the teachers' outputs).
+- ``head_features``: what each head's rows of the output layer read (after the head's own
+  modules), per text: what a re-fit fits on.
 - ``linear_grams``: for every linear layer, ``X^T X`` of its inputs over non-pad tokens.
 
 Everything runs under ``torch.inference_mode`` in batches, so memory is bounded by one batch of
@@ -22,24 +24,24 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .._progress import progress
-from ..bundle import output_layer_prefix
 from ..labels import Head
 
-__all__ = ["load_model", "batches", "logits", "head_probabilities", "output_layer",
-           "output_inputs", "linear_grams", "linear_modules"]
+__all__ = ["load_model", "batches", "logits", "head_probabilities", "head_features",
+           "linear_grams", "linear_modules"]
 
 logger = logging.getLogger("guardmerge.merge")
 
 
 def load_model(folder: str | Path) -> tuple[Any, Any]:
-    """(model, tokenizer) of a classifier folder, float32, eval mode; safetensors only."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """(guard model, tokenizer) of a classifier or bundle folder, float32, eval mode;
+    safetensors only, checked as the runtime checks it."""
+    from .._model import load_guard_model
+    from ..bundle import inspect_bundle
+    from ..classifier import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
-    model.eval()
-    return model, tokenizer
+    info = inspect_bundle(folder)
+    model = load_guard_model(info, torch.float32)
+    return model, load_tokenizer(info.path)
 
 
 def batches(tokenizer: Any, texts: Sequence[str], *, max_length: int,
@@ -70,37 +72,28 @@ def logits(model: Any, tokenizer: Any, texts: Sequence[str], *, max_length: int 
 
 def head_probabilities(logits: torch.Tensor, heads: Sequence[Head], *,
                        temperature: float = 1.0) -> dict[str, torch.Tensor]:
-    """Per head (``heads`` with offsets into these logits): softmax(logits / T) over the head's
-    labels, one row per text."""
+    """Per head (``heads`` with offsets into these logits): its probabilities at temperature T,
+    one row per text (softmax over a single-label head's labels, a sigmoid per label of a
+    multi-label head)."""
     z = logits.float() / temperature
-    return {h.name: torch.softmax(z[:, h.offset:h.stop], dim=-1) for h in heads}
+    return {h.name: torch.sigmoid(z[:, h.offset:h.stop]) if h.multi_label else
+            torch.softmax(z[:, h.offset:h.stop], dim=-1) for h in heads}
 
 
-def output_layer(model: Any) -> torch.nn.Module:
-    """The final linear layer of a sequence classifier (the module HM3 expands)."""
-    return model.get_submodule(output_layer_prefix(model.config.model_type))
-
-
-def output_inputs(model: Any, tokenizer: Any, texts: Sequence[str], *, max_length: int = 128,
+def head_features(model: Any, tokenizer: Any, texts: Sequence[str], *, max_length: int = 128,
                   batch_size: int = 32, desc: str = "features",
-                  show_progress: bool = False) -> torch.Tensor:
-    """What the output layer reads for each text (``[len(texts), in_features]``, float32): the
-    representation a head's rows are applied to."""
-    layer = output_layer(model)
-    rows: list[torch.Tensor] = []
-
-    def grab(_module: Any, args: tuple[torch.Tensor, ...]) -> None:
-        rows.append(args[0].detach().float().reshape(-1, args[0].shape[-1]).clone())
-
-    handle = layer.register_forward_pre_hook(grab)
-    try:
-        with torch.inference_mode(), progress_bar(len(texts), desc, show_progress) as bar:
-            for _, enc in batches(tokenizer, texts, max_length=max_length, batch_size=batch_size):
-                model(**enc)
-                bar.update(len(enc["input_ids"]))
-    finally:
-        handle.remove()
-    return torch.cat(rows) if rows else torch.empty(0, layer.in_features)
+                  show_progress: bool = False) -> list[torch.Tensor]:
+    """Per head group of a guard model (``model.groups``: one for a plain bundle, one per head
+    for a per-head bundle), what its rows of the output layer read for each text
+    (``[len(texts), in_features]``, float32): the head's own modules' output."""
+    rows: list[list[torch.Tensor]] = [[] for _ in model.groups]
+    with torch.inference_mode(), progress_bar(len(texts), desc, show_progress) as bar:
+        for _, enc in batches(tokenizer, texts, max_length=max_length, batch_size=batch_size):
+            for k, f in enumerate(model.features(**enc)):
+                rows[k].append(f.detach().float().clone())
+            bar.update(len(enc["input_ids"]))
+    width = model.output_layer.in_features
+    return [torch.cat(r) if r else torch.empty(0, width) for r in rows]
 
 
 def linear_modules(model: Any, names: set[str]) -> dict[str, torch.nn.Linear]:

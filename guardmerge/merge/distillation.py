@@ -7,15 +7,19 @@ bundle is trained so that each head's softmax matches its teacher's:
 
     loss = sum_heads T^2 * KL( softmax(z_teacher / T) || softmax(z_student_head / T) )
 
+(for a multi-label head, each label's Bernoulli KL between the sigmoids, summed over labels).
+
 Teacher logits are computed once per (source hash, texts hash) and cached (``statistics``), so
 every epoch, and a re-run, reuses them. The result is a bundle of the same format (same heads,
 labels, sources and recipe in the manifest, plus a ``distillation`` record); the runtime loads
-it unchanged and it still runs one encoder pass for all heads. It is written to a temporary
+it unchanged and it still runs one encoder pass for all heads (a per-head bundle's own head
+modules are trained with it and stay per head). It is written to a temporary
 folder and renamed at the end: an interrupted run leaves no half bundle.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -33,7 +37,9 @@ from ..bundle import (copy_tokenizer, hash_files, inspect_bundle, resolve_model_
 from ..classifier import resolve_dtype
 from ..exceptions import ConfigError, MergeError
 from ..labels import Head
-from .activations import batches, load_model
+from .._model import save_weights
+from .activations import batches, head_probabilities, load_model
+from .refit import divergence
 from .calibration import load_calibration
 from .options import DistillOptions
 from .statistics import cache_dir, teacher_logits
@@ -112,12 +118,18 @@ def distill(bundle: str | os.PathLike[str], texts: Sequence[str | os.PathLike[st
             logits = teacher_logits(t.folder, t.sha256, corpus, max_length=opts.max_length,
                                     cache=cache, show_progress=opts.progress,
                                     desc=f"teacher {t.pairs[0][0].name}")
+            probs = head_probabilities(logits, [theirs for _, theirs in t.pairs],
+                                       temperature=opts.temperature)
             for mine, theirs in t.pairs:
-                targets.append((mine, torch.log_softmax(
-                    logits[:, theirs.offset:theirs.stop] / opts.temperature, dim=-1)))
+                if mine.kind != theirs.kind:
+                    raise MergeError(f"{t.source}: head {theirs.name!r} is {theirs.kind}, the "
+                                     f"bundle's {mine.name!r} is {mine.kind}")
+                targets.append((mine, probs[theirs.name]))
         model, tokenizer = load_model(info.path)
         report = _train(model, tokenizer, corpus, targets, opts)
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_weights(model, tmp / info.weight_files[0].name)
+        (tmp / "config.json").write_text(json.dumps(info.config, indent=2, sort_keys=True) + "\n",
+                                         encoding="utf-8")
         copy_tokenizer(info.path, tmp)
         manifest = dict(info.manifest or {})
         extra = {k: v for k, v in manifest.items()
@@ -127,7 +139,8 @@ def distill(bundle: str | os.PathLike[str], texts: Sequence[str | os.PathLike[st
             "options": {k: v for k, v in asdict(opts).items()
                         if k not in {"overwrite", "progress", "cache"}},
             "teachers": {t.source: t.sha256 for t in teachers}, **report}
-        write_manifest(tmp, info.heads, manifest.get("recipe"), extra=extra)
+        write_manifest(tmp, info.heads, manifest.get("recipe"), extra=extra,
+                       module_tensors=info.module_tensors())
     return Path(output).expanduser().resolve()
 
 
@@ -182,10 +195,8 @@ def _train(model: Any, tokenizer: Any, texts: list[str],
                     logits = model(**enc).logits
                 logits = logits.float() / opts.temperature
                 loss = torch.zeros(())
-                for h, logp in targets:
-                    logq = torch.log_softmax(logits[:, h.offset:h.stop], dim=-1)
-                    p = logp[idx]
-                    kl = (p.exp() * (p - logq)).sum(-1).mean()
+                for h, probs in targets:
+                    kl = divergence(probs[idx], logits[:, h.offset:h.stop], h.multi_label)
                     kl_sum[h.name] += float(kl.detach()) * len(idx)
                     loss = loss + t2 * kl
                 loss.backward()

@@ -6,6 +6,13 @@ Data: JSONL (``{"text": ..., "head": ..., "label": ...}`` per line) or CSV with 
 or label) are errors naming the file and line, all reported together; ``skip_bad=True`` skips
 them with a warning per row instead. Texts go through the production chunking (windows, max
 over windows).
+
+Multi-label (sigmoid) heads: a text's true labels are every label its rows name for that head
+(several rows, or in JSONL a list, ``"label": ["insult", "threat"]``; ``"label": []`` is a text
+with none of them). A label is predicted where its score is at least 0.5. Per label:
+precision, recall, F1 and a 2x2 confusion ``[[tn, fp], [fn, tp]]`` over the texts; the head's
+macro-F1 is the mean of its labels' F1 (what the search maximises, as for softmax heads);
+accuracy is the exact-match rate (every label right).
 """
 
 from __future__ import annotations
@@ -15,14 +22,15 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..exceptions import DataError
-from ..labels import Head
+from ..labels import MULTI_LABEL, SINGLE_LABEL, Head
 
-__all__ = ["Example", "load_examples", "check_examples", "metrics", "HeadReport", "EvalReport",
+__all__ = ["Example", "load_examples", "check_examples", "metrics", "multilabel_metrics",
+           "HeadReport", "EvalReport",
            "evaluate", "comparison_table", "render_comparison", "collapse_warnings"]
 
 logger = logging.getLogger("guardmerge.evaluate")
@@ -30,11 +38,18 @@ logger = logging.getLogger("guardmerge.evaluate")
 
 @dataclass(frozen=True)
 class Example:
+    """One labelled text. ``label``: a label of ``head``, or for a multi-label head a tuple of
+    its labels (possibly empty)."""
+
     text: str
     head: str
-    label: str
+    label: str | tuple[str, ...]
     source: str = ""
     line: int = 0
+
+    @property
+    def label_set(self) -> tuple[str, ...]:
+        return self.label if isinstance(self.label, tuple) else (self.label,)
 
 
 def read_rows(path: Path, *, plain: bool = False) -> Iterable[tuple[int, Any]]:
@@ -86,8 +101,14 @@ def load_examples(paths: Sequence[str | os.PathLike[str]], *, heads: Sequence[He
             if missing:
                 problems.append(f"{where}: missing or empty {', '.join(sorted(set(missing)))}")
                 continue
+            label: str | tuple[str, ...] = str(row["label"])
+            if isinstance(row["label"], list):  # a multi-label head's labels (maybe none)
+                if not all(isinstance(x, str) and x for x in row["label"]):
+                    problems.append(f"{where}: label: a list must hold label names")
+                    continue
+                label = tuple(sorted(set(row["label"])))
             examples.append(Example(text=str(row["text"]), head=str(row["head"]),
-                                    label=str(row["label"]), source=str(path), line=line))
+                                    label=label, source=str(path), line=line))
     if heads is not None:
         bad = check_examples(examples, heads)
         problems.extend(bad)
@@ -112,9 +133,14 @@ def check_examples(examples: Sequence[Example], heads: Sequence[Head]) -> list[s
         if head is None:
             problems.append(f"{e.source}:{e.line}: unknown head {e.head!r} "
                             f"(the model has: {', '.join(by_name)})")
-        elif e.label not in head.labels:
-            problems.append(f"{e.source}:{e.line}: head {e.head!r} has no label {e.label!r} "
-                            f"(its labels: {', '.join(head.labels)})")
+        elif isinstance(e.label, tuple) and not head.multi_label:
+            problems.append(f"{e.source}:{e.line}: head {e.head!r} is single-label: give one "
+                            "label, not a list")
+        else:
+            for lab in e.label_set:
+                if lab not in head.labels:
+                    problems.append(f"{e.source}:{e.line}: head {e.head!r} has no label "
+                                    f"{lab!r} (its labels: {', '.join(head.labels)})")
     return problems
 
 
@@ -141,19 +167,54 @@ def metrics(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str])
             "per_label": per_label, "confusion": matrix, "labels": list(labels)}
 
 
+def multilabel_metrics(y_true: Sequence[Sequence[str]], y_pred: Sequence[Sequence[str]],
+                       labels: Sequence[str]) -> dict[str, Any]:
+    """A multi-label head's figures over texts (each with its set of true and predicted
+    labels): per-label precision / recall / F1 / support, macro-F1 (the labels' mean F1),
+    exact-match accuracy, and per label the 2x2 confusion ``[[tn, fp], [fn, tp]]``."""
+    per_label: dict[str, dict[str, float]] = {}
+    confusion = []
+    truth = [set(t) for t in y_true]
+    preds = [set(p) for p in y_pred]
+    for lab in labels:
+        tp = sum(1 for t, p in zip(truth, preds) if lab in t and lab in p)
+        fp = sum(1 for t, p in zip(truth, preds) if lab not in t and lab in p)
+        fn = sum(1 for t, p in zip(truth, preds) if lab in t and lab not in p)
+        tn = len(truth) - tp - fp - fn
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_label[lab] = {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
+        confusion.append([[tn, fp], [fn, tp]])
+    n = len(truth)
+    exact = sum(1 for t, p in zip(truth, preds) if t == p)
+    return {"n": n, "accuracy": exact / n if n else 0.0,
+            "macro_f1": sum(v["f1"] for v in per_label.values()) / len(labels) if labels else 0.0,
+            "per_label": per_label, "confusion": confusion, "labels": list(labels)}
+
+
 @dataclass
 class HeadReport:
+    """One head's figures. ``confusion``: rows true label, columns predicted, for a
+    single-label head; for a multi-label head one 2x2 ``[[tn, fp], [fn, tp]]`` per label."""
+
     head: str
     labels: list[str]
     n: int
     accuracy: float
     macro_f1: float
     per_label: dict[str, dict[str, float]]
-    confusion: list[list[int]]
+    confusion: list[Any]
+    kind: str = SINGLE_LABEL
+
+    @property
+    def multi_label(self) -> bool:
+        return self.kind == MULTI_LABEL
 
     def to_dict(self) -> dict[str, Any]:
         return {"head": self.head, "labels": self.labels, "n": self.n, "accuracy": self.accuracy,
-                "macro_f1": self.macro_f1, "per_label": self.per_label, "confusion": self.confusion}
+                "macro_f1": self.macro_f1, "per_label": self.per_label, "confusion": self.confusion,
+                "kind": self.kind}
 
 
 @dataclass
@@ -173,36 +234,59 @@ class EvalReport:
     def render(self) -> str:
         lines = [f"model: {self.model}"]
         for h in self.heads.values():
+            what = " (multi-label: exact-match accuracy, a label predicted at p >= 0.5)" \
+                if h.multi_label else ""
             lines.append(f"  head {h.head}: n={h.n} accuracy={h.accuracy:.4f} "
-                         f"macro-F1={h.macro_f1:.4f}")
+                         f"macro-F1={h.macro_f1:.4f}{what}")
             width = max(len(lab) for lab in h.labels)
             lines.append(f"    {'label':<{width}}  precision  recall     f1  support")
             for lab in h.labels:
                 m = h.per_label[lab]
                 lines.append(f"    {lab:<{width}}  {m['precision']:9.4f}  {m['recall']:6.4f}  "
                              f"{m['f1']:.4f}  {int(m['support']):7d}")
-            lines.append(f"    confusion (rows true, columns predicted): {h.confusion}")
+            if h.multi_label:
+                lines.append("    confusion per label [[tn, fp], [fn, tp]]: " + ", ".join(
+                    f"{lab} {c}" for lab, c in zip(h.labels, h.confusion)))
+            else:
+                lines.append(f"    confusion (rows true, columns predicted): {h.confusion}")
         lines.append(f"  mean macro-F1 over heads: {self.mean_macro_f1:.4f}")
         return "\n".join(lines)
 
 
-def report_from_predictions(model: str, examples: Sequence[Example], predictions: Sequence[str],
+def report_from_predictions(model: str, examples: Sequence[Example],
+                            predictions: Sequence[str | tuple[str, ...]],
                             heads: Sequence[Head]) -> EvalReport:
+    """Per head, the figures of ``predictions`` (one per example). A multi-label head counts
+    each text once, with the union of the labels its examples name."""
     report = EvalReport(model=model)
     for head in heads:
         idx = [i for i, e in enumerate(examples) if e.head == head.name]
         if not idx:
             continue
-        m = metrics([examples[i].label for i in idx], [predictions[i] for i in idx], head.labels)
+        if head.multi_label:
+            truth: dict[str, set[str]] = {}
+            pred: dict[str, tuple[str, ...]] = {}
+            for i in idx:
+                truth.setdefault(examples[i].text, set()).update(examples[i].label_set)
+                p = predictions[i]
+                pred[examples[i].text] = p if isinstance(p, tuple) else (p,)
+            texts = list(truth)
+            m = multilabel_metrics([truth[t] for t in texts], [pred[t] for t in texts],
+                                   head.labels)
+        else:
+            m = metrics([examples[i].label for i in idx], [predictions[i] for i in idx],
+                        head.labels)
         report.heads[head.name] = HeadReport(head=head.name, labels=list(head.labels), n=m["n"],
                                              accuracy=m["accuracy"], macro_f1=m["macro_f1"],
-                                             per_label=m["per_label"], confusion=m["confusion"])
+                                             per_label=m["per_label"], confusion=m["confusion"],
+                                             kind=head.kind)
     return report
 
 
-def predicted_label(head_scores: Any) -> str:
-    """The prediction of one head for one text: its label with the highest score."""
-    return max(head_scores.labels, key=lambda lab: head_scores.scores[lab])
+def predicted_label(head_scores: Any) -> str | tuple[str, ...]:
+    """The prediction of one head for one text: its label with the highest score, or for a
+    multi-label head the labels scoring at least 0.5."""
+    return head_scores.predicted
 
 
 def evaluate(classifier: Any, examples: Sequence[Example], *, model: str = "",
@@ -214,8 +298,7 @@ def evaluate(classifier: Any, examples: Sequence[Example], *, model: str = "",
     """
     heads = list(classifier.heads)
     if rename:
-        heads = [Head(name=rename.get(h.name, h.name), labels=h.labels, offset=h.offset)
-                 for h in heads]
+        heads = [replace(h, name=rename.get(h.name, h.name)) for h in heads]
     wanted = {h.name for h in heads}
     examples = [e for e in examples if e.head in wanted]
     problems = check_examples(examples, heads)
@@ -249,6 +332,8 @@ def collapse_warnings(merged: EvalReport, originals: Mapping[str, EvalReport] | 
     head has collapsed, as plain merges of full fine-tunes often make it."""
     out = []
     for head, rep in merged.heads.items():
+        if rep.multi_label:  # not one label per text: no single-label collapse to look for
+            continue
         label, got = _top_prediction(rep)
         if got < share:
             continue

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .activations import linear_modules, output_inputs, output_layer
+from .activations import head_features, head_probabilities, linear_modules
 from .calibration import CalibrationSet, load_calibration
 from .plan import MergePlan
 from .refit import fit_head
@@ -33,13 +33,19 @@ def calibration_for(plan: MergePlan) -> CalibrationSet:
 
 def linear_layer_names(plan: MergePlan) -> list[str]:
     """The merged model's linear layers (module names), found on a weightless ("meta") copy of
-    the architecture: every layer RegMean solves (the output layer included)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    the architecture: every layer RegMean solves (the encoder's and the output layer; never a
+    head module, which is per head). A source that is itself a per-head bundle has no one input
+    for its output layer (each head's rows read their own modules' output), so with such a
+    source the output layer is left to the head mode's plain merge."""
+    from .._model import guard_skeleton
+    from ..bundle import PER_HEAD
 
-    config = AutoConfig.for_model(**plan.config())
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
-    return sorted(linear_modules(model, set(plan.names)))
+        model = guard_skeleton(plan.config(), plan.family, plan.heads)
+    names = set(plan.names) - plan.module_tensors
+    if any(s.layout == PER_HEAD for s in plan.sources):
+        names -= plan.head_tensors
+    return sorted(linear_modules(model, names))
 
 
 def regmean_statistics(plan: MergePlan, calibration: CalibrationSet, *,
@@ -64,9 +70,11 @@ class _HeadTarget:
     name: str
     offset: int                 # in the merged logits
     stop: int
-    target: torch.Tensor        # [texts, labels]: the source's softmax at the refit temperature
+    target: torch.Tensor        # [texts, labels]: the source's probabilities at the refit
+                                # temperature (softmax, or a sigmoid per label: multi_label)
     weight: torch.Tensor        # the source's rows (start of the fit)
     bias: torch.Tensor
+    multi_label: bool = False
 
 
 @dataclass
@@ -100,11 +108,11 @@ def refit_targets(plan: MergePlan, calibration: CalibrationSet, *,
                                 cache=cache_dir(cal.cache), show_progress=progress,
                                 desc=f"teacher {s.heads[0].name}")
         w, b = plan.source_tensor(i, weight_name).float(), plan.source_tensor(i, bias_name).float()
+        probs = head_probabilities(logits, s.heads, temperature=spec.temperature)
         for h in s.heads:  # offsets within this source
-            target = torch.softmax(logits[:, h.offset:h.stop] / spec.temperature, dim=-1)
             m = merged[h.name]
-            heads.append(_HeadTarget(h.name, m.offset, m.stop, target, w[h.offset:h.stop],
-                                     b[h.offset:h.stop]))
+            heads.append(_HeadTarget(h.name, m.offset, m.stop, probs[h.name],
+                                     w[h.offset:h.stop], b[h.offset:h.stop], h.multi_label))
     return RefitTargets(texts=texts, heads=heads, weight_name=weight_name, bias_name=bias_name,
                         temperature=spec.temperature, pull=spec.pull, max_length=cal.max_length,
                         calibration=calibration.describe())
@@ -112,18 +120,20 @@ def refit_targets(plan: MergePlan, calibration: CalibrationSet, *,
 
 def refit_heads(model: Any, tokenizer: Any, targets: RefitTargets, *, batch_size: int = 32,
                 progress: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Fit every head's rows of ``model``'s output layer to its source's outputs, on what the
-    (merged) model's output layer reads. Returns the new output-layer tensors (float32) and a
-    report of the mean KL to each source before and after."""
-    features = output_inputs(model, tokenizer, targets.texts, max_length=targets.max_length,
+    """Fit every head's rows of the (merged) guard model's output layer to its source's
+    outputs, on what those rows read: the merged encoder's output after the head's own modules
+    (which stay as they are). Returns the new output-layer tensors (float32) and a report of
+    the mean KL to each source before and after."""
+    features = head_features(model, tokenizer, targets.texts, max_length=targets.max_length,
                              batch_size=batch_size, desc="refit features", show_progress=progress)
-    layer = output_layer(model)
+    layer = model.output_layer
     weight = layer.weight.detach().float().clone()
     bias = layer.bias.detach().float().clone()
     report: dict[str, Any] = {}
     for h in targets.heads:
-        fit = fit_head(features, h.target, h.weight, h.bias, temperature=targets.temperature,
-                       pull=targets.pull)
+        fit = fit_head(features[model.group_of(h.name)], h.target, h.weight, h.bias,
+                       temperature=targets.temperature, pull=targets.pull,
+                       multi_label=h.multi_label)
         weight[h.offset:h.stop] = fit.weight
         bias[h.offset:h.stop] = fit.bias
         report[h.name] = {"kl_before": round(fit.kl_before, 6), "kl_after": round(fit.kl_after, 6)}

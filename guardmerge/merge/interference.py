@@ -1,9 +1,9 @@
 """How much the sources' task vectors will interfere, measured before anything is merged
 (``guardmerge merge RECIPE --dry-run``).
 
-Per source, over the shared encoder (output layers and integer buffers excluded): the norm of
-its task vector ``d_i = X_i - B``, that norm relative to the base's (how far fine-tuning moved the
-encoder), and its share per layer. Per pair: the cosine between task vectors and the sign-conflict
+Per source, over the shared encoder (output layers, head modules and integer buffers excluded):
+the norm of its task vector ``d_i = X_i - B``, that norm relative to the base's (how far
+fine-tuning moved the encoder), and its share per layer. Per pair: the cosine between task vectors and the sign-conflict
 rate (of the entries both changed, the fraction they changed in opposite directions: TIES' sign
 election throws one side of every conflict away). Tensors are read one at a time.
 
@@ -116,7 +116,8 @@ def _measure(plan: MergePlan) -> MergeabilityReport:
     base_sq = 0.0
     tensors = 0
     for name in plan.names:
-        if name in plan.head_tensors or not plan.specs[name].dtype.is_floating_point:
+        if name in plan.head_tensors or name in plan.module_tensors or \
+                not plan.specs[name].dtype.is_floating_point:
             continue
         tensors += 1
         b = plan.base_tensor(name).reshape(-1)

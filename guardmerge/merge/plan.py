@@ -1,9 +1,17 @@
 """The merge plan: sources loaded and checked, heads laid out, tensor names mapped to the base.
 
 Everything that can be wrong with a merge is found here, before the first tensor is merged:
-model types, encoder sizes, tokenizer vocabularies, tensor names, shapes and dtypes, the base's
-names (with or without the ``bert.`` prefix), head names and label counts. Each problem is a
-``MergeError`` naming the model and the tensor. Tensors are read on demand, one (block) at a
+model families and types, encoder sizes and architecture settings, tokenizers (vocabulary,
+BPE merges, SentencePiece models), tensor names, shapes and dtypes, the base's names (with or
+without the encoder prefix such as ``bert.``), head names, kinds and label counts. Each problem
+is a ``MergeError`` naming the model and the tensor.
+
+Every source tensor is one of three kinds (the family table, ``guardmerge.families``, says
+which): **encoder** (shared; merged against the base), **output layer** (HM3-expanded; the head
+mode decides its rows) or **head module** (``classifier.dense``, ``pooler.dense``, ``head.*``
+...: a base lacks them, so they are per head, copied exactly from the source that owns the
+head, never merged). A bundle whose heads all read one source's head modules stays plain;
+otherwise head ``i``'s modules are written under ``heads.<i>.`` (a per-head bundle). Tensors are read on demand, one (block) at a
 time, straight from the safetensors files (``os.preadv`` into reused buffers, no mmap), so a
 plan holds no weights in memory.
 """
@@ -23,9 +31,11 @@ from typing import Any, BinaryIO, Mapping, Sequence
 import torch
 
 from .._safetensors import FLOAT_DTYPES, ITEMSIZE, read_header
-from ..bundle import (config_for_heads, hash_files, inspect_bundle, output_layer_prefix,
-                      read_json, read_vocab, resolve_model_dir, weight_files)
+from ..bundle import (PER_HEAD, PER_HEAD_WEIGHTS, PLAIN, config_for_heads, hash_files,
+                      inspect_bundle, read_json, resolve_model_dir, tokenizer_signature,
+                      weight_files)
 from ..exceptions import MergeError, ModelLoadError
+from ..families import ENCODER_KEYS, Family, family_for
 from ..labels import Head, head_name_from_id
 from .heads import expand_rows, merge_head_rows
 from .recipe import OUTPUT_DTYPES, MergeRecipe, ModelSpec, load_recipe
@@ -35,9 +45,6 @@ __all__ = ["MergePlan", "TensorIndex", "TensorSpec", "DTYPE_TO_ST", "ST_TO_DTYPE
 
 logger = logging.getLogger("guardmerge.merge")
 
-_ENCODER_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                 "vocab_size", "max_position_embeddings", "type_vocab_size", "dim", "n_layers",
-                 "n_heads", "hidden_dim")
 _UNINFORMATIVE = re.compile(r"^(label_?\d+|\d+)$", re.IGNORECASE)
 OUT_DTYPES = {name: getattr(torch, name) for name in OUTPUT_DTYPES}
 
@@ -186,23 +193,31 @@ class Source:
     folder: Path
     revision: str | None
     config: dict[str, Any]
-    heads: tuple[Head, ...]
+    heads: tuple[Head, ...]          # ``modules``: each head's prefix in this source, or None
     index: TensorIndex
     position: int                    # models[position] in the recipe
+    layout: str = PLAIN
 
     @property
     def num_labels(self) -> int:
         return sum(h.size for h in self.heads)
+
+    @property
+    def where(self) -> str:
+        return f"models[{self.position}] ({self.spec.model})"
 
 
 class MergePlan:
     """Everything checked and laid out before the first tensor is merged.
 
     ``names``: the merged model's tensor names (sorted); ``specs``: their output dtype and
-    shape; ``head_tensors``: the output layer (HM3-expanded); ``heads``: the merged heads in
-    logit order. Tensors are read on demand: ``base_tensor``, ``source_tensor``,
-    ``head_rows`` (the sources' expanded output layers), ``buffer_tensor`` (integer buffers,
-    checked equal) and ``merged_head`` (the head rows merged per the recipe's head mode).
+    shape; ``head_tensors``: the output layer (HM3-expanded); ``module_tensors``: the head
+    modules (per head, copied from their owner); ``heads``: the merged heads in logit order
+    (``modules`` set for a per-head bundle); ``family`` and ``layout`` (plain / per_head).
+    Tensors are read on demand: ``base_tensor``, ``source_tensor``, ``head_rows`` (the
+    sources' expanded output layers), ``module_tensor`` (a head module's tensor, exactly as its
+    owner has it), ``buffer_tensor`` (integer buffers, checked equal) and ``merged_head`` (the
+    head rows merged per the recipe's head mode).
     """
 
     def __init__(self, recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str]) -> None:
@@ -215,11 +230,13 @@ class MergePlan:
         self._hashes: dict[str, Future[str]] = {}
         try:
             self.sources = [self._load_source(i, spec) for i, spec in enumerate(recipe.models)]
-            self._check_compatible()
-            self.heads = self._layout_heads()
             self.model_type = str(self.sources[0].config["model_type"])
-            self.head_prefix = output_layer_prefix(self.model_type)
-            self.head_tensors = {f"{self.head_prefix}.weight", f"{self.head_prefix}.bias"}
+            self.family: Family = family_for(self.model_type, MergeError,
+                                             self.sources[0].where)
+            self._check_compatible()
+            self.layout = self._choose_layout()
+            self.heads = self._layout_heads()
+            self.head_prefix = self.family.output
             self.names = self._check_tensors()
             self.base_names = self._map_base()
             self.specs = self._output_specs()
@@ -247,7 +264,8 @@ class MergePlan:
         revision = None
         if not Path(spec.model).expanduser().exists():
             revision = info.heads[0].revision
-        heads = list(info.heads)
+        heads = [Head(name=h.name, labels=h.labels, offset=h.offset, kind=h.kind,
+                      modules=h.modules) for h in info.heads]
         where = f"{self.recipe.source}: models[{position}]"
         if len(heads) == 1:
             h = heads[0]
@@ -261,43 +279,69 @@ class MergePlan:
             elif any(_UNINFORMATIVE.match(lab) for lab in labels):
                 logger.warning("%s (%s) has uninformative labels %s; name them with 'labels:'",
                                where, spec.model, list(labels))
-            heads = [Head(name=name, labels=tuple(labels), offset=0)]
+            heads = [Head(name=name, labels=tuple(labels), offset=0, kind=h.kind,
+                          modules=h.modules)]
         elif spec.head is not None or spec.labels is not None:
             raise MergeError(f"{where}: {spec.model} is a bundle of {len(heads)} heads "
                              f"({', '.join(h.name for h in heads)}); 'head' and 'labels' only "
                              "apply to single-head classifiers")
         return Source(spec=spec, folder=folder, revision=revision, config=info.config,
-                       heads=tuple(heads), index=TensorIndex(folder), position=position)
+                       heads=tuple(heads), index=TensorIndex(folder), position=position,
+                       layout=info.layout)
 
     def _check_compatible(self) -> None:
+        """One family, one architecture, one tokenizer: every difference names both models."""
         ref = self.sources[0]
         models = [("base", self.recipe.base, self.base_config)] + [
             (f"models[{s.position}]", s.spec.model, s.config) for s in self.sources]
         ref_type = ref.config.get("model_type")
+        keys = ENCODER_KEYS + self.family.config_keys
         for label, model_id, cfg in models:
             if cfg.get("model_type") != ref_type:
                 raise MergeError(f"{label} ({model_id}): model type {cfg.get('model_type')!r} "
-                                 f"differs from {ref.spec.model}'s {ref_type!r}")
-            for key in _ENCODER_KEYS:
+                                 f"differs from {ref.spec.model}'s {ref_type!r}; only models of "
+                                 "one family (and one base) merge")
+            for key in keys:
                 if key in cfg and key in ref.config and cfg[key] != ref.config[key]:
                     raise MergeError(f"{label} ({model_id}): {key} = {cfg[key]} but "
                                      f"{ref.spec.model} has {key} = {ref.config[key]}")
-        ref_vocab = read_vocab(ref.folder)
-        if ref_vocab is None:
+        ref_sig = tokenizer_signature(ref.folder)
+        if ref_sig is None:
             raise MergeError(f"models[0] ({ref.spec.model}): no tokenizer files")
         for label, folder, model_id in [("base", self.base_folder, self.recipe.base)] + [
                 (f"models[{s.position}]", s.folder, s.spec.model) for s in self.sources[1:]]:
-            vocab = read_vocab(folder)
-            if vocab is None:
+            sig = tokenizer_signature(folder)
+            if sig is None:
                 if label == "base":
                     logger.info("base %s has no tokenizer files; vocabulary not compared", model_id)
                     continue
                 raise MergeError(f"{label} ({model_id}): no tokenizer files")
-            if vocab != ref_vocab:
-                diff = sorted(set(vocab.items()) ^ set(ref_vocab.items()))[:3]
-                raise MergeError(f"{label} ({model_id}): tokenizer vocabulary differs from "
-                                 f"{ref.spec.model}'s ({len(vocab)} vs {len(ref_vocab)} tokens; "
-                                 f"e.g. {diff})")
+            for part in ("model", "vocab", "merges", "sentencepiece"):
+                if part not in sig or part not in ref_sig or sig[part] == ref_sig[part]:
+                    continue
+                mine, theirs = sig[part], ref_sig[part]
+                if part == "vocab":
+                    diff = sorted(set(mine.items()) ^ set(theirs.items()))[:3]
+                    detail = f"{len(mine)} vs {len(theirs)} tokens; e.g. {diff}"
+                elif part == "merges":
+                    at = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b),
+                              min(len(mine), len(theirs)))
+                    detail = f"{len(mine)} vs {len(theirs)} merges, first difference at {at}"
+                else:
+                    detail = f"{mine} vs {theirs}"
+                what = {"model": "tokenizer model", "vocab": "tokenizer vocabulary",
+                        "merges": "BPE merges", "sentencepiece": "SentencePiece model"}[part]
+                raise MergeError(f"{label} ({model_id}): {what} differs from "
+                                 f"{ref.spec.model}'s ({detail})")
+
+    def _choose_layout(self) -> str:
+        """plain where every head reads one set of head modules (a family without head modules,
+        or one plain source); per_head otherwise."""
+        if not self.family.has_head_modules:
+            return PLAIN
+        if len(self.sources) == 1 and self.sources[0].layout == PLAIN:
+            return PLAIN
+        return PER_HEAD
 
     def _layout_heads(self) -> tuple[Head, ...]:
         heads: list[Head] = []
@@ -309,24 +353,68 @@ class MergePlan:
                     raise MergeError(f"head name {h.name!r} is used by {owners[h.name]} and "
                                      f"{s.spec.model}; give one of them a 'head:' name")
                 owners[h.name] = s.spec.model
+                modules = f"heads.{len(heads)}." if self.layout == PER_HEAD else None
                 heads.append(Head(name=h.name, labels=h.labels, offset=offset, source=s.spec.model,
-                                  revision=s.revision))
+                                  revision=s.revision, kind=h.kind, modules=modules))
                 offset += h.size
         return tuple(heads)
 
+    def _split(self, s: Source) -> tuple[set[str], set[str], dict[str, dict[str, str]]]:
+        """A source's tensor names as (encoder, output layer, {head: {relative: name}}); any
+        other tensor is a MergeError naming it."""
+        fam = self.family
+        encoder: set[str] = set()
+        output: set[str] = set()
+        modules: dict[str, dict[str, str]] = {h.name: {} for h in s.heads}
+        prefixed = {h.modules: h.name for h in s.heads if h.modules is not None}
+        for name in s.index.names():
+            if fam.is_encoder_tensor(name):
+                encoder.add(name)
+            elif fam.is_output_tensor(name):
+                output.add(name)
+            elif not prefixed and fam.head_module_of(name):
+                for h in s.heads:  # plain: every head of this source reads these modules
+                    modules[h.name][name] = name
+            elif prefixed and (p := next((p for p in prefixed if name.startswith(p)), None)) \
+                    and fam.head_module_of(name[len(p):]):
+                modules[prefixed[p]][name[len(p):]] = name
+            else:
+                raise MergeError(
+                    f"{s.where}: tensor {name!r} is neither the {fam.name} encoder's "
+                    f"({fam.encoder}.*), nor its output layer ({fam.output}), nor a head module "
+                    f"({', '.join(fam.head_modules) or 'none in this family'})")
+        return encoder, output, modules
+
     def _check_tensors(self) -> list[str]:
         ref = self.sources[0]
-        names = ref.index.names()
+        fam = self.family
+        self.head_tensors = {f"{fam.output}.weight", f"{fam.output}.bias"}
+        split = {s.position: self._split(s) for s in self.sources}
+        enc_ref, out_ref, mod_ref = split[ref.position]
         for t in sorted(self.head_tensors):
-            if t not in names:
+            if t not in out_ref:
                 raise MergeError(f"models[0] ({ref.spec.model}): no output layer tensor {t!r}")
-        for s in self.sources[1:]:
-            other = s.index.names()
-            missing, extra = sorted(names - other), sorted(other - names)
-            if missing or extra:
-                raise MergeError(f"models[{s.position}] ({s.spec.model}): tensor names differ from "
-                                 f"{ref.spec.model}: missing {missing[:5]}, extra {extra[:5]}")
-        for name in sorted(names):
+        ref_modules = next(iter(mod_ref.values()))
+        for s in self.sources:
+            enc, out, mods = split[s.position]
+            if s is not ref and (enc != enc_ref or out != out_ref):
+                missing = sorted((enc_ref | out_ref) - (enc | out))
+                extra = sorted((enc | out) - (enc_ref | out_ref))
+                raise MergeError(f"{s.where}: tensor names differ from {ref.spec.model}: "
+                                 f"missing {missing[:5]}, extra {extra[:5]}")
+            for head, rel in mods.items():
+                if set(rel) != set(ref_modules):
+                    raise MergeError(
+                        f"{s.where}: head {head!r} has head-module tensors {sorted(rel)} but "
+                        f"{ref.spec.model} has {sorted(ref_modules)}")
+                for r, name in rel.items():
+                    want = ref.index.specs[ref_modules[r]]
+                    got = s.index.specs[name]
+                    if got[1] != want[1] or (got[0] in FLOAT_DTYPES) != (want[0] in FLOAT_DTYPES):
+                        raise MergeError(f"{s.where}: head-module tensor {name!r} is {got[0]} "
+                                         f"{list(got[1])} but {ref.spec.model}'s {r!r} is "
+                                         f"{want[0]} {list(want[1])}")
+        for name in sorted(enc_ref | out_ref):
             dtype, shape = ref.index.specs[name]
             for s in self.sources:
                 sd, ss = s.index.specs[name]
@@ -340,18 +428,37 @@ class MergePlan:
                 if (sd in FLOAT_DTYPES) != (dtype in FLOAT_DTYPES):
                     raise MergeError(f"models[{s.position}] ({s.spec.model}): tensor {name!r} has "
                                      f"dtype {sd} but {ref.spec.model} has {dtype}")
-        return sorted(names)
+        # head modules: where each merged head's come from (source, tensor name there)
+        self.module_sources: dict[str, tuple[int, str]] = {}
+        merged = {h.name: h for h in self.heads}
+        for i, s in enumerate(self.sources):
+            for head, rel in split[s.position][2].items():
+                prefix = merged[head].modules or ""
+                for r, name in rel.items():
+                    self.module_sources.setdefault(prefix + r, (i, name))
+        self.module_tensors = set(self.module_sources)
+        return sorted(enc_ref | out_ref | self.module_tensors)
+
+    def module_tensor_names(self) -> dict[str, list[str]]:
+        """Per merged head (per-head layout), its module tensors: what the manifest lists."""
+        return {h.name: sorted(n for n in self.module_tensors if n.startswith(h.modules))
+                for h in self.heads if h.modules is not None}
+
+    @property
+    def weights_file(self) -> str:
+        return PER_HEAD_WEIGHTS if self.layout == PER_HEAD else "model.safetensors"
 
     def _map_base(self) -> dict[str, str | None]:
         base_names = self.base_index.names()
-        prefix = self.names[0].split(".", 1)[0] + "." if "." in self.names[0] else ""
+        prefix = self.family.encoder + "."
         mapping: dict[str, str | None] = {}
         for name in self.names:
-            if name in self.head_tensors:
-                mapping[name] = None  # HM3: the base's output layer is an all-zero head
+            if name in self.head_tensors or name in self.module_tensors:
+                # HM3: the base's output layer is an all-zero head; head modules have no base
+                mapping[name] = None
                 continue
             candidates = [name]
-            if prefix and name.startswith(prefix):
+            if name.startswith(prefix):
                 candidates.append(name[len(prefix):])
             found = next((c for c in candidates if c in base_names), None)
             if found is None:
@@ -378,7 +485,11 @@ class MergePlan:
         total = sum(h.size for h in self.heads)
         specs = {}
         for name in self.names:
-            st_dtype, shape = self.sources[0].index.specs[name]
+            if name in self.module_tensors:
+                i, src_name = self.module_sources[name]
+                st_dtype, shape = self.sources[i].index.specs[src_name]
+            else:
+                st_dtype, shape = self.sources[0].index.specs[name]
             dtype = ST_TO_DTYPE[st_dtype]
             if dtype.is_floating_point:
                 dtype = out_dtype
@@ -393,7 +504,7 @@ class MergePlan:
         """The base's tensor for merged tensor ``name`` (float32); not for the output layer."""
         base_name = self.base_names[name]
         if base_name is None:
-            raise KeyError(f"{name!r} is an output-layer tensor: the base's head is all zeros")
+            raise KeyError(f"{name!r} is an output-layer or head-module tensor: the base has none")
         return self.base_index.get(base_name).float()
 
     def source_tensor(self, i: int, name: str) -> torch.Tensor:
@@ -408,6 +519,12 @@ class MergePlan:
             offset = next(h.offset for h in self.heads if h.name == s.heads[0].name)
             out.append(expand_rows(s.index.get(name), offset, total))
         return out
+
+    def module_tensor(self, name: str) -> torch.Tensor:
+        """Head-module tensor ``name`` of the merged model: exactly its owner's (never
+        merged: a base has no such tensor, each fine-tune initialised its own)."""
+        i, src_name = self.module_sources[name]
+        return self.sources[i].index.get(src_name)
 
     def merged_head(self, name: str) -> torch.Tensor:
         """Output-layer tensor ``name`` of the merged model (float32), per the head mode."""
@@ -465,5 +582,9 @@ class MergePlan:
 
     def manifest_extra(self) -> dict[str, Any]:
         return {"base": {"id": self.recipe.base, "revision": self.base_revision,
-                         "sha256": self._hash("base", self.base_index.files)}}
+                         "sha256": self._hash("base", self.base_index.files)},
+                "family": {"model_type": self.model_type, "encoder": self.family.encoder,
+                           "reads": self.family.reads,
+                           "head_modules": list(self.family.head_modules),
+                           "output": self.family.output}}
 

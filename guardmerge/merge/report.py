@@ -72,7 +72,7 @@ def _plots(out: Path, results: Sequence[Any], best: Any, originals: Mapping[str,
     # confusion matrices of the best merge
     for head in heads:
         rep = best.report["heads"].get(head)
-        if not rep:
+        if not rep or rep.get("kind") == "multi_label":  # 2x2 per label: in the numbers only
             continue
         fig, ax = plt.subplots(figsize=(1.2 * len(rep["labels"]) + 2, 1.2 * len(rep["labels"]) + 1.5))
         ax.imshow(rep["confusion"], cmap="Blues")

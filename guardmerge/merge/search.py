@@ -165,9 +165,8 @@ class TrialContext:
     def __init__(self, recipe: MergeRecipe, examples: Sequence[Example], *, dtype: str = "float32",
                  batch_size: int = 16, screen: Sequence[int] = (),
                  methods: Sequence[str] = (), progress: bool = False) -> None:
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-        from ..classifier import BundleClassifier, resolve_dtype
+        from .._model import guard_skeleton
+        from ..classifier import BundleClassifier, load_tokenizer, resolve_dtype
         from .fitting import calibration_for, refit_targets, regmean_statistics
         from .plan import MergePlan
 
@@ -183,7 +182,9 @@ class TrialContext:
             self.head_rows: dict[str, list[torch.Tensor]] = {}
             self.fixed: dict[str, torch.Tensor] = {}
             for name in plan.names:
-                if not plan.specs[name].dtype.is_floating_point:
+                if name in plan.module_tensors:  # per head: its owner's, as in a disk merge
+                    self.fixed[name] = plan.module_tensor(name)
+                elif not plan.specs[name].dtype.is_floating_point:
                     self.fixed[name] = plan.buffer_tensor(name)
                 elif name in plan.head_tensors:
                     self.head_rows[name] = plan.head_rows(name)
@@ -205,17 +206,17 @@ class TrialContext:
                     self.grams = {m: [st.gram(m) for st in stats] for m in stats[0].modules}
                 if recipe.head_mode is HeadMode.REFIT:
                     self.refit = refit_targets(plan, calibration, progress=progress)
-            config = AutoConfig.for_model(**plan.config())
+            config, family = plan.config(), plan.family
             folder = plan.sources[0].folder
         finally:
             plan.close()
-        model = AutoModelForSequenceClassification.from_config(config, dtype=resolve_dtype(dtype))
-        model.eval()
+        # the same guard model the runtime loads from the bundle this trial would write
+        model = guard_skeleton(config, family, self.heads, dtype=resolve_dtype(dtype))
         self.params = dict(model.state_dict())
         missing = [n for n in self.names if n not in self.params]
         if missing:
             raise ConfigError(f"merged tensor names do not match the model: {missing[:5]}")
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        self.tokenizer = load_tokenizer(folder)
         self.runtime = BundleClassifier(model, self.tokenizer, self.heads, batch_size=batch_size)
         self.examples = list(examples)
         texts = sorted({e.text for e in self.examples})

@@ -94,6 +94,9 @@ class BlockMerger:
         if not spec.dtype.is_floating_point:
             yield plan.buffer_tensor(name).reshape(-1)
             return
+        if name in plan.module_tensors:  # per head: its owner's, never merged
+            yield plan.module_tensor(name).to(spec.dtype).reshape(-1)
+            return
         solved = self._regmean(name)
         if solved is not None:
             yield solved.to(spec.dtype).reshape(-1)
@@ -263,12 +266,15 @@ class StreamingWriter:
 
 def write_support_files(plan: MergePlan, folder: Path,
                         extra: Mapping[str, Any] | None = None) -> None:
-    """``config.json`` (re-labelled for the merged heads), the tokenizer and the manifest."""
+    """``config.json`` (re-labelled for the merged heads), the tokenizer (every file of the
+    first source's, byte for byte) and the manifest (layout, heads with their kinds and, for a
+    per-head bundle, their module tensors)."""
     (folder / "config.json").write_text(json.dumps(plan.config(), indent=2, sort_keys=True)
                                         + "\n", encoding="utf-8")
     copy_tokenizer(plan.sources[0].folder, folder)
     write_manifest(folder, plan.final_heads(), plan.recipe.to_dict(),
-                   extra={**plan.manifest_extra(), **(extra or {})})
+                   extra={**plan.manifest_extra(), **(extra or {})},
+                   module_tensors=plan.module_tensor_names())
 
 
 def patch_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -340,16 +346,17 @@ def merge(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str],
                                         "texts_per_source": [st.texts for st in statistics]}
                 if recipe.head_mode is HeadMode.REFIT:
                     targets = refit_targets(plan, calibration, progress=opts.progress)
-            _stream(plan, BlockMerger(plan, statistics), tmp / "model.safetensors", opts.progress)
+            _stream(plan, BlockMerger(plan, statistics), tmp / plan.weights_file, opts.progress)
             write_support_files(plan, tmp, extra)
             if targets is not None:
                 model, tokenizer = load_model(tmp)
                 tensors, extra["refit"] = refit_heads(model, tokenizer, targets,
                                                       progress=opts.progress)
-                patch_tensors(tmp / "model.safetensors",
+                patch_tensors(tmp / plan.weights_file,
                               {n: t.to(plan.specs[n].dtype) for n, t in tensors.items()})
                 write_manifest(tmp, plan.final_heads(), recipe.to_dict(),
-                               extra={**plan.manifest_extra(), **extra})
+                               extra={**plan.manifest_extra(), **extra},
+                               module_tensors=plan.module_tensor_names())
         except BaseException:
             hasher.shutdown(wait=True, cancel_futures=True)
             raise

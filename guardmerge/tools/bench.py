@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["runtime", "merge", "middleware", "search", "serve", "cli"]
+__all__ = ["runtime", "heads", "merge", "middleware", "search", "serve", "cli"]
 
 
 def _machine() -> str:
@@ -90,6 +90,77 @@ def runtime(*, layers: int = 12, hidden: int = 768, heads: int = 12, intermediat
                   f"({r.n_tokens / el:,.0f} tokens/s)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
+def heads(*, family: str = "deberta-v2", layers: int = 12, hidden: int = 768,
+          attention_heads: int = 12, intermediate: int = 3072, tokens: int = 128,
+          batch: int = 8, repeats: int = 5, dtype: str = "float32") -> dict[str, Any]:
+    """What N heads cost: one encoder pass plus N small heads. A BERT-base-sized guard model of
+    ``family`` with random weights (built in memory, no files), one head (a plain bundle) and
+    three heads with their own head modules (a per-head bundle); per batch of ``batch`` windows
+    of ``tokens`` tokens: the encoder pass alone, the heads alone (on the encoder's output), the
+    whole forward, and what N separate models would cost (N x the one-head forward)."""
+    from .._model import guard_skeleton
+    from ..classifier import resolve_dtype
+    from ..families import family_for
+    from ..labels import Head
+    from ..testing import tiny_config
+
+    fam = family_for(family)
+    torch_dtype = resolve_dtype(dtype)
+    layouts = {1: [("jailbreak", 2)], 3: [("jailbreak", 2), ("toxicity", 6), ("spam", 2)]}
+    print(f"# guardmerge bench heads: {_machine()}")
+    print(f"# {family}: {layers} layers, hidden {hidden}, random weights in memory, {dtype}; "
+          f"a batch of {batch} windows x {tokens} tokens; best of {repeats} runs")
+    print(f"{'heads':>5} {'layout':<9} {'encoder ms':>10} {'forward ms':>10} {'heads ms':>9} "
+          f"{'heads %':>8} {'N models ms':>11}")
+    results: dict[str, Any] = {"machine": _machine()}
+    gen = torch.Generator().manual_seed(0)
+    single_forward = None
+    for n, layout in layouts.items():
+        offset, hs = 0, []
+        for i, (name, size) in enumerate(layout):
+            hs.append(Head(name, tuple(f"l{j}" for j in range(size)), offset,
+                           modules=f"heads.{i}." if n > 1 and fam.has_head_modules else None))
+            offset += size
+        config = tiny_config(30522, offset, family=family, hidden=hidden, layers=layers,
+                             attention_heads=attention_heads, intermediate=intermediate,
+                             max_position=max(512, tokens))
+        model = guard_skeleton(config, fam, hs, dtype=torch_dtype)
+        ids = torch.randint(5, 30000, (batch, tokens), generator=gen)
+        mask = torch.ones_like(ids)
+        types = torch.zeros_like(ids)
+
+        def timed(fn: Any) -> float:
+            with torch.inference_mode():
+                fn()  # warm-up
+                times = []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t)
+            return min(times)  # the best run: the least disturbed by other work on the machine
+
+        with torch.inference_mode():
+            x = model.read(ids, mask, types)
+        enc = timed(lambda: model.read(ids, mask, types))
+        head = timed(lambda: model.heads_logits(x))  # the heads alone, on the encoder's output
+        full = timed(lambda: model(ids, mask, types))
+        if n == 1:
+            single_forward = full
+        separate = n * (single_forward or full)
+        row = {"encoder_ms": enc * 1e3, "forward_ms": full * 1e3,
+               "heads_ms": head * 1e3, "heads_share": head / full,
+               "n_models_ms": separate * 1e3, "layout": "per_head" if n > 1 else "plain"}
+        results[f"{n}_heads"] = row
+        print(f"{n:>5} {row['layout']:<9} {row['encoder_ms']:>10.1f} {row['forward_ms']:>10.1f} "
+              f"{row['heads_ms']:>9.2f} {100 * row['heads_share']:>7.2f}% "
+              f"{row['n_models_ms']:>11.1f}")
+        del model
+    one, three = results["1_heads"], results["3_heads"]
+    print(f"3 heads / 1 head, whole forward: {three['forward_ms'] / one['forward_ms']:.3f}x "
+          f"(3 separate models: {three['n_models_ms'] / one['forward_ms']:.1f}x)")
     return results
 
 
