@@ -189,6 +189,21 @@ def test_recipes_need_calibration_for_regmean_and_refit_and_check_its_keys(tmp_p
         assert problem in str(err.value)
 
 
+@pytest.mark.parametrize("extra", [
+    {"method": "ties", "head_mode": "owner"},
+    {"method": "regmean", "head_mode": "refit", "calibration": {"texts": "c.jsonl", "limit": 9},
+     "refit": {"texts": 50, "pull": 0.5}},
+])
+def test_a_recipe_survives_its_own_to_dict(extra):
+    # the search sends recipe.to_dict() to its worker processes: it must load back unchanged
+    recipe = MergeRecipe.from_dict({"base": "b", "models": [{"model": "m"}], **extra})
+    again = MergeRecipe.from_dict(recipe.to_dict())
+    assert again.to_dict() == recipe.to_dict()
+    assert ("calibration" in recipe.to_dict()) == ("calibration" in extra)
+    with pytest.raises(RecipeError, match="calibration"):
+        MergeRecipe.from_dict({"base": "b", "models": [{"model": "m"}], "calibration": None})
+
+
 def test_calibration_files_jsonl_csv_and_plain_lines(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "alpha", "head": "x", "label": "ignored"}\n'
                                       '{"text": "beta"}\n\n{"text": "alpha", "head": "y"}\n')
@@ -199,8 +214,10 @@ def test_calibration_files_jsonl_csv_and_plain_lines(tmp_path):
     rows = dict(zip(cal.texts, cal.heads))
     assert rows == {"alpha": None, "beta": None, "gamma": "y", "delta": None, "epsilon": None,
                     "zeta": None}  # "alpha" named by two heads: every source sees it
-    assert cal.for_head(["y"]) == [t for t in cal.texts]
-    assert cal.for_head(["x"]) == [t for t in cal.texts if t != "gamma"]
+    shared = [t for t in cal.texts if t != "gamma"]
+    assert cal.for_head(["y"]) == ["gamma"] + shared  # its own texts first, then unassigned
+    assert cal.for_head(["y"], limit=2) == ["gamma", shared[0]]
+    assert cal.for_head(["x"]) == shared
     # order by hash, not by file: the same set whatever the file order
     again = load_calibration([tmp_path / "c.txt", tmp_path / "b.csv", tmp_path / "a.jsonl"],
                              heads=["x", "y"])
@@ -269,7 +286,7 @@ def test_distill_refuses_a_changed_source_and_an_existing_output(family, tmp_pat
     manifest["heads"][0]["source"]["sha256"] = "0" * 64
     (merged / "guardmerge.json").write_text(json.dumps(manifest))
     assert main(["distill", str(merged), "--texts", str(texts), "-o", str(tmp_path / "o"),
-                 "--no-progress"]) == 1
+                 "--no-progress"]) == 2  # a changed source: a usage error
     assert main(["distill", str(merged), "--texts", str(texts), "-o", str(tmp_path / "o"),
                  "--source", f"a={family['a']}", "--steps", "1", "--max-length", "16",
                  "--no-progress"]) == 0
@@ -294,16 +311,41 @@ def test_dry_run_reports_task_vector_figures_and_writes_nothing(family, tmp_path
     assert r.cosine[0][1] == pytest.approx(dot / (norms[0] * norms[1]), abs=1e-5)
     assert r.interference == pytest.approx([norms[1] / norms[0], norms[0] / norms[1]], rel=1e-4)
     assert all(sum(share.values()) == pytest.approx(1.0) for share in r.layer_share)
-    assert any("head_mode: refit" in w for w in r.warnings)  # equal-sized, independent changes
+    assert r.warnings == []  # independent changes: cosine ~0, ~50% conflicts, similar sizes
+    assert any("head_mode: refit" in n for n in r.notes)  # ...but every head's features move
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps(_recipe(family)))
     assert main(["merge", str(recipe), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "cosine" in out and "sign conflicts" in out and "warning:" in out
+    assert "cosine" in out and "sign conflicts" in out and "note:" in out
     assert list(tmp_path.iterdir()) == [recipe]
-    same = mergeability({**_recipe(family), "models": [{"model": str(family["a"]), "head": "x"},
-                                                       {"model": str(family["a"]), "head": "y"}]})
+    plain = {k: v for k, v in _recipe(family).items() if k not in ("calibration", "refit")}
+    same = mergeability({**plain, "models": [{"model": str(family["a"]), "head": "x"},
+                                             {"model": str(family["a"]), "head": "y"}]})
     assert same.cosine[0][1] == pytest.approx(1.0) and same.sign_conflict[0][1] == 0.0
+    assert same.warnings == []
+    # a source that undoes another, and one that goes three times as far: warnings name them
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base = load_file(str(family["base"] / "model.safetensors"))
+    a = load_file(str(family["a"] / "model.safetensors"))
+    for name, scale in (("undo", -1.0), ("far", 3.0)):
+        folder = tmp_path / name
+        shutil.copytree(family["a"], folder)
+        moved = {n: (base[n[5:]] + scale * (t - base[n[5:]]) if n.startswith("bert.")
+                     and t.is_floating_point() else t) for n, t in a.items()}
+        save_file(moved, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    pair = lambda other: mergeability({**plain, "models": [  # noqa: E731
+        {"model": str(family["a"]), "head": "a"}, {"model": str(tmp_path / other), "head": "o"}]})
+    undo = pair("undo")
+    assert undo.cosine[0][1] == pytest.approx(-1.0) and undo.sign_conflict[0][1] == 1.0
+    assert any("pull the encoder apart" in w for w in undo.warnings)
+    assert any("opposite directions" in w for w in undo.warnings)
+    far = pair("far")
+    assert far.cosine[0][1] == pytest.approx(1.0)
+    assert any("3.0x" in w and "dominated" in w for w in far.warnings)
 
 
 def _report(head: str, labels: list[str], truth: list[str], pred: list[str]) -> EvalReport:
@@ -346,3 +388,117 @@ def test_eval_cli_prints_the_collapse_warning(tmp_path, tokenizer, capsys):
     err = capsys.readouterr().err
     assert "warning: head 'topic' predicts 'code' for 100% of its 30 texts, where the data's " \
            "most common label covers 33%" in err
+
+
+# -- review regressions ----------------------------------------------------------------------
+
+
+def test_regmean_with_fewer_rows_than_inputs_keeps_the_mean_off_their_span():
+    g = torch.Generator().manual_seed(7)
+    d_in, n = 20, 5
+    w1, w2 = torch.randn(3, d_in, generator=g), torch.randn(3, d_in, generator=g)
+    x1 = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    x2 = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    got = regmean([w1, w2], [x1.T @ x1 / n, x2.T @ x2 / n], alpha=1.0).double()
+    mean = (w1 + w2).double() / 2
+    # on the rows' span it solves the regression exactly; off it, it is the sources' mean
+    x = torch.cat([x1, x2])
+    y = torch.cat([x1 @ w1.double().T, x2 @ w2.double().T])
+    assert torch.allclose(x @ got.T, x @ torch.linalg.lstsq(x, y).solution, atol=1e-4)
+    _, _, vh = torch.linalg.svd(x)
+    null = vh[x.shape[0]:]  # directions no calibration row spans
+    assert torch.allclose(got @ null.T, mean @ null.T, atol=1e-5)
+    assert float(got.norm()) < 2 * float(max(w1.norm(), w2.norm()))
+
+
+def test_regmean_averages_every_tensor_that_is_not_a_linear_weight(family, tmp_path):
+    out = merge(_recipe(family, method="regmean", head_mode="owner"), tmp_path / "rm",
+                progress=False)
+    merged = load_file(str(out / "model.safetensors"))
+    a = load_file(str(family["a"] / "model.safetensors"))
+    b = load_file(str(family["b"] / "model.safetensors"))
+    for name in ("bert.embeddings.word_embeddings.weight", "bert.embeddings.LayerNorm.weight",
+                 "bert.encoder.layer.0.attention.self.query.bias",
+                 "bert.encoder.layer.1.output.dense.bias"):
+        assert torch.allclose(merged[name], (a[name] + b[name]) / 2, atol=1e-6), name
+    q = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.allclose(merged[q], (a[q] + b[q]) / 2, atol=1e-4)  # solved, not averaged
+
+
+def test_statistics_recomputed_from_scratch_give_the_same_bundle(family, tmp_path):
+    r = _recipe(family, method="regmean", head_mode="refit")
+    r["calibration"] = {**r["calibration"], "cache": str(tmp_path / "one")}
+    first = merge(r, tmp_path / "a", progress=False)
+    r["calibration"] = {**r["calibration"], "cache": str(tmp_path / "two")}
+    second = merge(r, tmp_path / "b", progress=False)
+    assert _sha(first) == _sha(second)
+    # query, key and value read the same input: one Gram matrix on disk, shared
+    files = sorted((tmp_path / "one" / "statistics").glob("gram-*.safetensors"))
+    assert len(files) == 2  # one per source
+    stats = files[0]
+    from safetensors import safe_open
+
+    with safe_open(str(stats), "pt") as f:
+        names = set(f.keys())
+    assert "bert.encoder.layer.0.attention.self.query" in names
+    assert "bert.encoder.layer.0.attention.self.key" not in names
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_data_aware_search_trial_is_exactly_the_saved_best_bundle(family, tmp_path, dtype):
+    from guardmerge import BundleClassifier
+    from guardmerge.merge import Example, SearchOptions, evaluate, run_search
+
+    heads = {"a": ["x", "y"], "b": ["p", "q", "r"]}
+    examples = [Example(random_text(15, seed=700 + i), h, heads[h][i % len(heads[h])])
+                for i in range(24) for h in heads]
+    r = _recipe(family, method="regmean", head_mode="refit")
+    summary = run_search(r, examples, tmp_path / "s", SearchOptions(
+        trials=2, seed=1, methods=("regmean", "ties"), alpha_range=(0.5, 1.0), dtype=dtype,
+        compare_sources=False, report=True, progress=False))
+    best = summary["best"]
+    saved = BundleClassifier.from_pretrained(summary["best_bundle"], dtype=dtype)
+    assert evaluate(saved, examples).mean_macro_f1 == pytest.approx(best["score"], abs=1e-9)
+    manifest = json.loads((Path(summary["best_bundle"]) / "guardmerge.json").read_text())
+    assert manifest["recipe"]["method"] == best["method"]
+    assert manifest["recipe"]["parameters"]["alpha"] == best["alpha"]
+    report = Path(summary["report"]).read_text()
+    assert "head mode `refit`" in report and "sha256" in report and "varied per trial" in report
+
+
+def test_user_errors_in_data_aware_recipes_are_clear_and_write_nothing(family, tmp_path, capsys):
+    with pytest.raises(RecipeError, match="calibration: expected a mapping"):
+        MergeRecipe.from_dict({**_recipe(family, method="regmean"), "calibration": None})
+    with pytest.raises(RecipeError, match="needs calibration texts"):
+        MergeRecipe(base="b", models=(), method="regmean")
+    # every calibration text names head a: source b would have none
+    only_a = tmp_path / "only-a.jsonl"
+    only_a.write_text("\n".join(json.dumps({"text": f"t {i}", "head": "a"}) for i in range(5)))
+    r = _recipe(family, method="regmean")
+    r["calibration"] = {**r["calibration"], "texts": str(only_a)}
+    with pytest.raises(DataError, match="no calibration texts for .*b"):
+        merge(r, tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()
+    # a search that would try RegMean without calibration texts: refused before writing
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(json.dumps({k: v for k, v in _recipe(family).items()
+                                 if k not in ("calibration", "refit")}))
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "hello", "head": "a", "label": "x"}) + "\n")
+    assert main(["search", str(plain), "--eval", str(data), "--methods", "regmean", "-o",
+                 str(tmp_path / "s"), "--trials", "1"]) == 2
+    assert "need calibration texts" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "trials.jsonl").exists()
+
+
+def test_the_dry_run_reads_the_calibration_texts(family, tmp_path, capsys):
+    r = _recipe(family, method="regmean")
+    report = mergeability(r)
+    assert report.calibration == load_calibration(family["calibration"], heads=["a", "b"]).describe()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(json.dumps({**r, "calibration": {"texts": str(tmp_path / "missing.txt")}}))
+    before = sorted((family["dir"] / "cache").rglob("*")) if (family["dir"] / "cache").exists() else []
+    assert main(["merge", str(bad), "--dry-run"]) == 2
+    assert "missing.txt: no such file" in capsys.readouterr().err
+    after = sorted((family["dir"] / "cache").rglob("*")) if (family["dir"] / "cache").exists() else []
+    assert before == after  # a dry run computes no statistics

@@ -105,18 +105,32 @@ def linear_modules(model: Any, names: set[str]) -> dict[str, torch.nn.Linear]:
 def linear_grams(model: Any, tokenizer: Any, texts: Sequence[str], modules: Sequence[str], *,
                  max_length: int = 128, batch_size: int = 16, desc: str = "statistics",
                  show_progress: bool = False,
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """``{module: X^T X}`` (float64, ``[in, in]``) of every listed linear layer's inputs over
-    the non-pad tokens of ``texts``, and ``{module: rows}``, the number of input vectors summed
-    (tokens; texts for layers that read one vector per text, such as a pooler or the output
-    layer)."""
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, str]]:
+    """``{module: X^T X}`` (float64, ``[in, in]``) of the listed linear layers' inputs over the
+    non-pad tokens of ``texts``, ``{module: rows}`` (the input vectors summed: tokens, or texts
+    for layers that read one vector per text, such as a pooler or the output layer), and
+    ``{module: same_as}``: layers that read the very same input as another (an attention
+    block's query, key and value) share that one's matrix, computed and kept once."""
     grams: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
-    state: dict[str, Any] = {}
+    aliases: dict[str, str] = {}
+    state: dict[str, Any] = {"first": True}
 
     def hook(name: str) -> Callable[..., None]:
         def fn(_module: Any, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach()
+            raw = args[0]  # the module's very input object (detach would make a new one)
+            if name in aliases:
+                return
+            # the same input tensor (not just equal values): the key holds a reference, so no
+            # freed block can be reused by another input under the same address in this pass
+            key = (raw.data_ptr(), tuple(raw.shape), tuple(raw.stride()))
+            seen = state["seen"].get(key)
+            if seen is not None and seen[1] is raw:
+                if state["first"]:  # decided on the first batch, kept for every batch
+                    aliases[name] = seen[0]
+                return
+            state["seen"][key] = (name, raw)
+            x = raw.detach()
             mask = state["mask"]
             if x.dim() == 3 and x.shape[:2] == mask.shape:
                 x = x[mask]                       # token-level input: non-pad tokens only
@@ -135,9 +149,11 @@ def linear_grams(model: Any, tokenizer: Any, texts: Sequence[str], modules: Sequ
         with torch.inference_mode(), progress_bar(len(texts), desc, show_progress) as bar:
             for _, enc in batches(tokenizer, texts, max_length=max_length, batch_size=batch_size):
                 state["mask"] = enc["attention_mask"].bool()
+                state["seen"] = {}
                 model(**enc)
+                state["first"] = False
                 bar.update(len(enc["input_ids"]))
     finally:
         for h in handles:
             h.remove()
-    return grams, rows
+    return grams, rows, aliases

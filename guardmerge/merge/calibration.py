@@ -46,16 +46,17 @@ class CalibrationSet:
     def sha256(self) -> str:
         digest = hashlib.sha256()
         for text, head in zip(self.texts, self.heads):
-            digest.update((head or "").encode("utf-8") + b"\x01" +
-                          text.encode("utf-8", "surrogatepass") + b"\x00")
+            digest.update(_field(head or "") + _field(text))
         return digest.hexdigest()
 
     def for_head(self, names: Sequence[str], limit: int | None = None) -> list[str]:
-        """The texts a source owning heads ``names`` sees: those naming one of its heads and
-        those naming none (every source sees unassigned text), at most ``limit`` of them (the
-        first in the set's hash order)."""
+        """The texts a source owning heads ``names`` sees: those naming one of its heads first,
+        then those naming none (every source sees unassigned text), each group in the set's
+        hash order; at most ``limit`` of them."""
         wanted = set(names)
-        out = [t for t, h in zip(self.texts, self.heads) if h is None or h in wanted]
+        own = [t for t, h in zip(self.texts, self.heads) if h in wanted]
+        shared = [t for t, h in zip(self.texts, self.heads) if h is None]
+        out = own + shared
         return out[:limit] if limit is not None else out
 
     def sample(self, limit: int | None) -> list[str]:
@@ -68,18 +69,25 @@ class CalibrationSet:
                 "with_head": sum(h is not None for h in self.heads)}
 
 
+def _field(text: str) -> bytes:
+    """A length-prefixed field: hashes over several texts cannot be forged by moving bytes
+    from one text to the next."""
+    raw = text.encode("utf-8", "surrogatepass")
+    return len(raw).to_bytes(8, "little") + raw
+
+
 def _order_key(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
 def load_calibration(paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], *,
-                     limit: int | None = None, heads: Sequence[str] | None = None,
-                     base_dir: str | os.PathLike[str] | None = None) -> CalibrationSet:
+                     limit: int | None = None,
+                     heads: Sequence[str] | None = None) -> CalibrationSet:
     """Read calibration texts; ``heads``: the head names a text may name (others are errors).
 
     Duplicate texts are kept once. Texts are put in the order of their sha256 (a
     deterministic, order-free spread), then cut to ``limit``. Relative paths are taken from
-    ``base_dir`` when given (a recipe's own folder).
+    the current folder, as a recipe's model paths are.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -91,8 +99,6 @@ def load_calibration(paths: Sequence[str | os.PathLike[str]] | str | os.PathLike
     files = []
     for p in paths:
         path = Path(p)
-        if base_dir is not None and not path.is_absolute():
-            path = Path(base_dir) / path
         files.append(str(path))
         if not path.is_file():
             problems.append(f"{path}: no such file")

@@ -7,20 +7,32 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
+from ..exceptions import DataError
 from .activations import head_features, head_probabilities, linear_modules
 from .calibration import CalibrationSet, load_calibration
 from .plan import MergePlan
 from .refit import fit_head
-from .statistics import GramStatistics, cache_dir, gram_statistics, teacher_logits
+from .statistics import (
+    GramStatistics,
+    cache_dir,
+    gram_statistics,
+    model_key,
+    teacher_logits,
+)
 
-__all__ = ["calibration_for", "linear_layer_names", "regmean_statistics", "RefitTargets",
+__all__ = ["data_aware", "warm_cache", "source_key", "calibration_for", "linear_layer_names", "regmean_statistics", "RefitTargets",
            "refit_targets", "refit_heads"]
 
 logger = logging.getLogger("guardmerge.merge")
+
+
+def source_key(plan: MergePlan, i: int) -> str:
+    """What keys source ``i``'s cached statistics: weights, config and tokenizer files."""
+    return model_key(plan.sources[i].folder, plan.source_sha256(i))
 
 
 def calibration_for(plan: MergePlan) -> CalibrationSet:
@@ -56,10 +68,18 @@ def regmean_statistics(plan: MergePlan, calibration: CalibrationSet, *,
     assert spec is not None
     modules = linear_layer_names(plan)
     out = []
-    for i, s in enumerate(plan.sources):
+    texts_per_source = []
+    for s in plan.sources:
         names = [h.name for h in s.heads]
         texts = calibration.for_head(names, spec.per_source)
-        out.append(gram_statistics(s.folder, plan.source_sha256(i), texts, modules,
+        if not texts:
+            raise DataError(f"no calibration texts for {s.spec.model} (heads: "
+                            f"{', '.join(names)}): every text names another head; add texts "
+                            "that name one of these heads, or texts that name none")
+        texts_per_source.append(texts)
+    for i, (s, texts) in enumerate(zip(plan.sources, texts_per_source)):
+        names = [h.name for h in s.heads]
+        out.append(gram_statistics(s.folder, source_key(plan, i), texts, modules,
                                    max_length=spec.max_length, cache=cache_dir(spec.cache),
                                    show_progress=progress, desc=f"statistics {names[0]}"))
     return out
@@ -104,7 +124,7 @@ def refit_targets(plan: MergePlan, calibration: CalibrationSet, *,
     merged = {h.name: h for h in plan.heads}
     heads = []
     for i, s in enumerate(plan.sources):
-        logits = teacher_logits(s.folder, plan.source_sha256(i), texts, max_length=cal.max_length,
+        logits = teacher_logits(s.folder, source_key(plan, i), texts, max_length=cal.max_length,
                                 cache=cache_dir(cal.cache), show_progress=progress,
                                 desc=f"teacher {s.heads[0].name}")
         w, b = plan.source_tensor(i, weight_name).float(), plan.source_tensor(i, bias_name).float()
@@ -142,3 +162,31 @@ def refit_heads(model: Any, tokenizer: Any, targets: RefitTargets, *, batch_size
     summary = {"texts": len(targets.texts), "temperature": targets.temperature,
                "pull": targets.pull, "max_length": targets.max_length, "heads": report}
     return {targets.weight_name: weight, targets.bias_name: bias}, summary
+
+
+def data_aware(recipe: Any, methods: Sequence[str] = ()) -> bool:
+    """Whether merging the recipe (or any of ``methods`` instead of its own) needs RegMean's
+    statistics."""
+    from .methods import get_method
+
+    return any(get_method(m).data_aware for m in set(methods) | {recipe.method})
+
+
+def warm_cache(recipe: Any, methods: Sequence[str] = (), *, progress: bool = False) -> None:
+    """Compute (or find in the cache) the statistics and teacher outputs that merging the
+    recipe reads (with ``methods``: trials of those methods too), so that later merges, search
+    workers or build steps only read the cache."""
+    from .recipe import HeadMode
+
+    refit = recipe.head_mode is HeadMode.REFIT
+    if not (data_aware(recipe, methods) or refit):
+        return
+    plan = MergePlan(recipe)
+    try:
+        calibration = calibration_for(plan)
+        if data_aware(recipe, methods):
+            regmean_statistics(plan, calibration, progress=progress)
+        if refit:
+            refit_targets(plan, calibration, progress=progress)
+    finally:
+        plan.close()

@@ -13,7 +13,8 @@
       texts: calib.jsonl                 # JSONL (text, optional head), CSV or plain lines; or a list
       limit: 2000                        # at most this many texts (a hash-spread sample)
       max_length: 128                    # tokens per text when running the models
-      per_source: 300                    # RegMean: texts per source (those naming its head first)
+      per_source: 300                    # RegMean: texts per source (those naming one of its
+                                         # heads first, then unassigned ones)
       cache: .cache/guardmerge           # where statistics are kept (default: ~/.cache/guardmerge)
     refit: {texts: 2000, temperature: 1.0, pull: 1.0e-6}  # head_mode: refit
     models:
@@ -125,6 +126,10 @@ class MergeRecipe:
             raise RecipeError(f"head_mode: expected one of "
                               f"{', '.join(m.value for m in HeadMode)}, got {self.head_mode!r}") from None
         get_method(self.method)
+        if self.needs_calibration and self.calibration is None:
+            raise RecipeError(f"{self.source}: method {self.method} / head_mode "
+                              f"{self.head_mode.value} needs calibration texts (a 'calibration' "
+                              "section)")
 
     @property
     def needs_calibration(self) -> bool:
@@ -143,7 +148,7 @@ class MergeRecipe:
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as written into a bundle's manifest (rebuilds the bundle bit-for-bit)."""
-        return {
+        out = {
             "name": self.name,
             "base": self.base,
             "base_revision": self.base_revision,
@@ -159,6 +164,8 @@ class MergeRecipe:
                 for m in self.models
             ],
         }
+        # absent, not null: ``from_dict`` refuses a null section (a YAML key left empty)
+        return {k: v for k, v in out.items() if not (k in ("calibration", "refit") and v is None)}
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -198,9 +205,8 @@ class MergeRecipe:
                             lo_open=True)
         alpha = c.number(params.get("alpha", 0.9), "parameters.alpha", lo=0.0, hi=1.0,
                          lo_open=True)
-        calibration = _calibration(c, top["calibration"]) if top.get("calibration") is not None \
-            else None
-        refit = _refit(c, top["refit"]) if top.get("refit") is not None else RefitSpec()
+        calibration = _calibration(c, top["calibration"]) if "calibration" in top else None
+        refit = _refit(c, top["refit"]) if "refit" in top else RefitSpec()
         if calibration is None and "calibration" not in top:
             for key, value, what in (("method", method, "regmean"),
                                      ("head_mode", head_mode, HeadMode.REFIT.value)):
@@ -275,7 +281,7 @@ def _calibration(c: Checker, raw: Any) -> CalibrationSpec | None:
 
 
 def _refit(c: Checker, raw: Any) -> RefitSpec:
-    sec = c.mapping(raw, "refit", allowed=_REFIT) or {}
+    sec = c.mapping(raw, "refit", allowed=_REFIT) or {}  # an empty / null section: an error
     texts = c.integer(sec.get("texts", 2000), "refit.texts", lo=1)
     temperature = c.number(sec.get("temperature", 1.0), "refit.temperature", lo=0.0, lo_open=True)
     pull = c.number(sec.get("pull", 1e-6), "refit.pull", lo=0.0)

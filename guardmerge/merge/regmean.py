@@ -15,7 +15,9 @@ count equally whatever their number of calibration tokens, and ``c_i`` is the re
 
 Every other tensor (biases, embeddings, LayerNorm) is the weighted mean of the sources (the
 paper: "simple averaging"); output layers follow the recipe's head mode (``merge``: RegMean on
-the HM3-padded rows, with the output layer's input statistics).
+the HM3-padded rows, with the output layer's input statistics). Directions of the input space
+that no calibration row spans (alpha = 1 with fewer rows than inputs, or an input that is always
+zero) are unconstrained by the regression: there the weighted mean of the sources is kept.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from typing import Sequence
 import torch
 
 __all__ = ["regmean", "regularised_gram"]
+
+#: below this reciprocal condition number a Gram direction is treated as unconstrained
+_RCOND = 1e-10
 
 
 def regularised_gram(gram: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -53,18 +58,20 @@ def regmean(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], *, a
         gr = regularised_gram(g, alpha)
         num += float(c) * (w.double() @ gr)
         den += float(c) * gr
-    # an input dimension no calibration token ever used (all-zero row and column of every
-    # G_i): nothing constrains its column, so it gets the weighted mean of the sources'
-    dead = torch.diagonal(den) <= 0
-    if dead.any():
-        idx = dead.nonzero().squeeze(1)
-        den[idx, idx] = float(sum(scales))
-        num[:, idx] = sum(float(c) * w.double()[:, idx] for w, c in zip(weights, scales))
-    # W den = num  <=>  den W^T = num^T (den is symmetric)
-    try:
-        solved = torch.linalg.solve(den, num.T)
-        if not torch.isfinite(solved).all():
-            raise torch.linalg.LinAlgError("non-finite solution")
-    except torch.linalg.LinAlgError:  # rank-deficient (alpha = 1, few tokens): least norm
-        solved = torch.linalg.lstsq(den, num.T, driver="gelsd").solution
-    return solved.T.to(torch.float32).contiguous()
+    mean = sum(float(c) * w.double() for w, c in zip(weights, scales)) / float(sum(scales))
+    # W den = num  <=>  den W^T = num^T (den is symmetric positive semi-definite). Cholesky
+    # when den is well conditioned; otherwise (alpha = 1 with fewer calibration rows than
+    # inputs, or an input no token ever used) the equations say nothing about part of the input
+    # space, and there the weighted mean of the sources is kept:
+    # W = M + (num - M den) pinv(den), which is num den^-1 whenever den is invertible.
+    factor, info = torch.linalg.cholesky_ex(den)
+    diag = torch.diagonal(factor)
+    if int(info) == 0 and float(diag.min()) > 0 and \
+            float((diag.min() / diag.max()) ** 2) > _RCOND:
+        solved = torch.cholesky_solve(num.T, factor).T
+    else:
+        values, vectors = torch.linalg.eigh(den)
+        keep = values > _RCOND * float(values.max().clamp_min(0))
+        inv = (vectors[:, keep] / values[keep]) @ vectors[:, keep].T
+        solved = mean + (num - mean @ den) @ inv
+    return solved.to(torch.float32).contiguous()

@@ -113,9 +113,12 @@ def write_search_report(out: Path, recipe: Any, options: Any, results: Sequence[
                   f"{recipe.refit.pull:g})")}[recipe.head_mode.value])
     cal = recipe.calibration
     if cal is not None:
-        lines.append(f"- calibration: {', '.join(f'`{t}`' for t in cal.texts)}"
-                     f"{f', at most {cal.limit} texts' if cal.limit else ''}, {cal.max_length} "
-                     f"tokens per text, RegMean statistics on {cal.per_source} texts per source")
+        from .calibration import load_calibration
+
+        texts = load_calibration(cal.texts, limit=cal.limit)
+        lines.append(f"- calibration: {', '.join(f'`{t}`' for t in cal.texts)}: {texts.size} "
+                     f"texts (sha256 {texts.sha256[:16]}), {cal.max_length} tokens per text, "
+                     f"RegMean statistics on up to {cal.per_source} texts per source")
     varied = [f"method over {', '.join(options.methods)}" if options.methods else "",
               f"lambda ~ U{options.lambda_range}" if options.lambda_range else "",
               f"alpha ~ U{options.alpha_range}" if options.alpha_range else ""]

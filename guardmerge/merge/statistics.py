@@ -28,11 +28,12 @@ import torch
 
 from .. import __version__
 
-__all__ = ["cache_dir", "texts_sha256", "GramStatistics", "gram_statistics", "teacher_logits"]
+__all__ = ["cache_dir", "texts_sha256", "model_key", "GramStatistics", "gram_statistics",
+           "teacher_logits"]
 
 logger = logging.getLogger("guardmerge.merge")
 
-STATISTICS_VERSION = 1
+STATISTICS_VERSION = 2
 
 
 def cache_dir(configured: str | os.PathLike[str] | None = None) -> Path:
@@ -47,9 +48,25 @@ def cache_dir(configured: str | os.PathLike[str] | None = None) -> Path:
 
 
 def texts_sha256(texts: Sequence[str]) -> str:
+    """sha256 over the texts in order, each length-prefixed (no two lists hash alike)."""
     digest = hashlib.sha256()
     for t in texts:
-        digest.update(t.encode("utf-8", "surrogatepass") + b"\x00")
+        raw = t.encode("utf-8", "surrogatepass")
+        digest.update(len(raw).to_bytes(8, "little") + raw)
+    return digest.hexdigest()
+
+
+def model_key(folder: Path, weights_sha256: str) -> str:
+    """What a model's outputs depend on: its weights' content hash plus its config and
+    tokenizer files (a changed tokenizer or config gives other statistics, so another key)."""
+    from ..bundle import TOKENIZER_FILES
+
+    digest = hashlib.sha256(weights_sha256.encode())
+    for name in ("config.json", *TOKENIZER_FILES):
+        path = folder / name
+        if path.is_file():
+            raw = path.read_bytes()
+            digest.update(name.encode() + len(raw).to_bytes(8, "little") + raw)
     return digest.hexdigest()
 
 
@@ -90,9 +107,11 @@ def _metadata(path: Path) -> dict[str, Any] | None:
 class GramStatistics:
     """One source's cached Gram statistics; ``gram(module)`` reads one layer's matrix."""
 
-    def __init__(self, path: Path, rows: dict[str, int], texts: int) -> None:
+    def __init__(self, path: Path, rows: dict[str, int], texts: int,
+                 aliases: dict[str, str] | None = None) -> None:
         self.path = path
-        self.rows = rows      # input vectors summed per module (tokens, or texts)
+        self.aliases = dict(aliases or {})  # module -> the module whose input it shares
+        self.rows = {**rows, **{m: rows[a] for m, a in self.aliases.items()}}
         self.texts = texts
 
     @property
@@ -100,11 +119,11 @@ class GramStatistics:
         return sorted(self.rows)
 
     def gram(self, module: str) -> torch.Tensor:
-        """``X^T X / rows`` of the inputs of ``module`` (float64)."""
+        """``X^T X / rows`` of the inputs of ``module`` (float64), read from the file alone."""
         from safetensors import safe_open
 
         with safe_open(str(self.path), "pt") as f:
-            return f.get_tensor(module)
+            return f.get_tensor(self.aliases.get(module, module))
 
 
 def gram_statistics(folder: Path, source_sha: str, texts: Sequence[str], modules: Sequence[str],
@@ -119,20 +138,22 @@ def gram_statistics(folder: Path, source_sha: str, texts: Sequence[str], modules
     if meta is not None and meta.get("key") == key:
         logger.info("RegMean statistics for %s: cached (%s)", folder, path)
         return GramStatistics(path, {k: int(v) for k, v in meta["rows"].items()},
-                              int(meta["texts"]))
+                              int(meta["texts"]), meta.get("aliases"))
     from .activations import linear_grams, load_model
 
     model, tokenizer = load_model(folder)
-    grams, rows = linear_grams(model, tokenizer, texts, modules, max_length=max_length,
-                               batch_size=batch_size, desc=desc, show_progress=show_progress)
-    missing = sorted(set(modules) - set(grams))
+    grams, rows, aliases = linear_grams(model, tokenizer, texts, modules, max_length=max_length,
+                                        batch_size=batch_size, desc=desc,
+                                        show_progress=show_progress)
+    missing = sorted(set(modules) - set(grams) - set(aliases))
     if missing:
         raise RuntimeError(f"{folder}: no inputs were seen for {missing[:3]}")
-    tensors = {m: grams[m] / rows[m] for m in modules}
+    tensors = {m: g / rows[m] for m, g in grams.items()}
     _save(path, tensors, {"key": key, "source_sha256": source_sha, "texts": len(texts),
-                          "max_length": max_length, "rows": rows, "guardmerge": __version__})
+                          "max_length": max_length, "rows": rows, "aliases": aliases,
+                          "guardmerge": __version__})
     logger.info("RegMean statistics for %s: %d texts, written to %s", folder, len(texts), path)
-    return GramStatistics(path, rows, len(texts))
+    return GramStatistics(path, rows, len(texts), aliases)
 
 
 def teacher_logits(folder: Path, source_sha: str, texts: Sequence[str], *, max_length: int,
