@@ -281,3 +281,16 @@ def test_progress_bars_are_silent_when_stderr_is_not_a_terminal(case, tmp_path, 
     run_search(case["recipe"], [case["data"]], tmp_path / "s", SearchOptions(trials=2, seed=0),
                dtype="float32", save_best=False, compare_sources=False, report=False)
     assert capsys.readouterr().err == ""
+
+
+def test_a_screened_search_extended_ranks_like_a_fresh_search(case, tmp_path):
+    kw = dict(seed=3, screen=10, beta=(2.0, 8.0), dtype="float32", save_best=False,
+              compare_sources=False, report=False, progress=False)
+    fresh = run_search(case["recipe"], [case["data"]], tmp_path / "fresh", SearchOptions(trials=40, **kw))
+    run_search(case["recipe"], [case["data"]], tmp_path / "grow", SearchOptions(trials=20, **kw))
+    grown = run_search(case["recipe"], [case["data"]], tmp_path / "grow",
+                       SearchOptions(trials=40, resume=True, **kw))
+    assert grown["screen"]["finalists"] == fresh["screen"]["finalists"]
+    assert grown["best"] == fresh["best"]
+    _, rows = read_results(tmp_path / "grow" / "trials.jsonl")
+    assert len([r for r in rows if r.stage == "screen"]) == 40  # nothing screened twice

@@ -38,12 +38,13 @@ from .._progress import format_seconds, progress
 from ..exceptions import ConfigError
 from .evaluation import (EvalReport, Example, evaluate, load_examples, predicted_label,
                        report_from_predictions)
-from .fitting import refit_heads
+from .fitting import data_aware, refit_heads, warm_cache
 from .heads import merge_head_rows
 from .methods import get_method, merge_task_vectors, merge_tensor
 from .options import SearchOptions
 from .recipe import HeadMode, MergeRecipe, load_recipe
 from .regmean import regmean
+from .statistics import GramStatistics
 
 __all__ = ["SearchOptions", "TrialResult", "TrialParams", "run_search", "trial_params", "TrialContext",
            "run_trial", "read_results", "screen_subset", "evaluate_sources"]
@@ -194,16 +195,14 @@ class TrialContext:
                     self.deltas[name] = [plan.source_tensor(i, name).float().sub_(b)
                                          for i in range(len(plan.sources))]
             self.weights = plan.weights
-            # data-aware trials: RegMean's statistics in memory, the re-fit's targets once
-            self.grams: dict[str, list[torch.Tensor]] = {}
+            # data-aware trials: RegMean's statistics stay in the cache and are read one layer
+            # at a time; the re-fit's targets are computed once
+            self.stats: list[GramStatistics] = []
             self.refit = None
-            tried = set(methods) | {recipe.method}
-            data_aware = any(get_method(m).data_aware for m in tried)
-            if data_aware or recipe.head_mode is HeadMode.REFIT:
+            if data_aware(recipe, methods) or recipe.head_mode is HeadMode.REFIT:
                 calibration = calibration_for(plan)
-                if data_aware:
-                    stats = regmean_statistics(plan, calibration, progress=progress)
-                    self.grams = {m: [st.gram(m) for st in stats] for m in stats[0].modules}
+                if data_aware(recipe, methods):
+                    self.stats = regmean_statistics(plan, calibration, progress=progress)
                 if recipe.head_mode is HeadMode.REFIT:
                     self.refit = refit_targets(plan, calibration, progress=progress)
             config, family = plan.config(), plan.family
@@ -211,8 +210,15 @@ class TrialContext:
         finally:
             plan.close()
         # the same guard model the runtime loads from the bundle this trial would write
-        model = guard_skeleton(config, family, self.heads, dtype=resolve_dtype(dtype))
+        torch_dtype = resolve_dtype(dtype)
+        model = guard_skeleton(config, family, self.heads, dtype=torch_dtype)
         self.params = dict(model.state_dict())
+        # the re-fit reads features in float32, as merge() does on the saved bundle: a trial
+        # scored in bf16 still re-fits exactly the heads the saved best bundle gets
+        self._fit_model = model
+        if self.refit is not None and torch_dtype != torch.float32:
+            self._fit_model = guard_skeleton(config, family, self.heads, dtype=torch.float32)
+        self._fit_params = dict(self._fit_model.state_dict())
         missing = [n for n in self.names if n not in self.params]
         if missing:
             raise ConfigError(f"merged tensor names do not match the model: {missing[:5]}")
@@ -231,7 +237,7 @@ class TrialContext:
 
     def _regmean(self, name: str, alpha: float) -> torch.Tensor | None:
         module = name[:-len(".weight")] if name.endswith(".weight") else None
-        if module not in self.grams:
+        if not self.stats or module not in self.stats[0].rows:
             return None
         if name in self.head_rows:
             if self.head_mode is not HeadMode.MERGE:
@@ -239,7 +245,8 @@ class TrialContext:
             weights = self.head_rows[name]
         else:
             weights = [self.base[name] + d for d in self.deltas[name]]
-        return regmean(weights, self.grams[module], alpha=alpha, scales=self.weights)
+        return regmean(weights, [st.gram(module) for st in self.stats], alpha=alpha,
+                       scales=self.weights)
 
     def _merged(self, name: str, params: TrialParams) -> torch.Tensor:
         """Tensor ``name`` of the trial's merge (the same kernels as a disk merge)."""
@@ -268,11 +275,15 @@ class TrialContext:
                 # the bundle stores recipe.dtype; round through it so trial == saved bundle
                 merged = self._merged(name, params).to(self.specs[name].dtype)
                 self.params[name].copy_(merged.view(self.params[name].shape))
+                if self._fit_model is not self.runtime.model:
+                    self._fit_params[name].copy_(merged.view(self._fit_params[name].shape))
             if self.refit is not None:
-                tensors, _ = refit_heads(self.runtime.model, self.tokenizer, self.refit)
+                tensors, _ = refit_heads(self._fit_model, self.tokenizer, self.refit)
                 for name, t in tensors.items():
-                    self.params[name].copy_(t.to(self.specs[name].dtype).view(
-                        self.params[name].shape))
+                    fitted = t.to(self.specs[name].dtype).view(self.params[name].shape)
+                    self.params[name].copy_(fitted)
+                    if self._fit_model is not self.runtime.model:
+                        self._fit_params[name].copy_(fitted)
 
     def evaluate(self, stage: str = "full") -> EvalReport:
         """The loaded candidate on every example (``full``) or the screening subset."""
@@ -285,14 +296,19 @@ class TrialContext:
 
 
 _CONTEXT: TrialContext | None = None
+_INIT_ERROR: BaseException | None = None
 
 
 def _init_worker(recipe: Mapping[str, Any], examples: list[Example], dtype: str, batch_size: int,
                  threads: int, screen: Sequence[int] = (), methods: Sequence[str] = ()) -> None:
-    global _CONTEXT
+    global _CONTEXT, _INIT_ERROR
     torch.set_num_threads(max(1, threads))
-    _CONTEXT = TrialContext(MergeRecipe.from_dict(dict(recipe)), examples, dtype=dtype,
-                            batch_size=batch_size, screen=screen, methods=methods)
+    try:
+        _CONTEXT = TrialContext(MergeRecipe.from_dict(dict(recipe)), examples, dtype=dtype,
+                                batch_size=batch_size, screen=screen, methods=methods)
+    except BaseException as exc:  # noqa: BLE001 - re-raised by the first trial, in the parent
+        # an initializer that raises makes multiprocessing.Pool respawn workers forever
+        _INIT_ERROR = exc
 
 
 def run_trial(options: SearchOptions, trial: int, context: TrialContext | None = None, *,
@@ -316,19 +332,40 @@ def run_trial(options: SearchOptions, trial: int, context: TrialContext | None =
 
 def _pool_trial(args: tuple[SearchOptions, int, str]) -> TrialResult:
     options, trial, stage = args
+    if _INIT_ERROR is not None:
+        raise _INIT_ERROR
     return run_trial(options, trial, stage=stage)
+
+
+def _inputs_sha256(recipe: MergeRecipe, options: SearchOptions) -> dict[str, Any]:
+    """The content the trials depend on beyond the recipe's text: every model's weights,
+    config and tokenizer, and the calibration texts (a changed file: a different search)."""
+    from .fitting import calibration_for, source_key
+    from .plan import MergePlan
+
+    plan = MergePlan(recipe)
+    try:
+        out: dict[str, Any] = {"sources": [source_key(plan, i) for i in range(len(plan.sources))]}
+        if recipe.calibration is not None:
+            out["calibration"] = calibration_for(plan).sha256
+    finally:
+        plan.close()
+    return out
 
 
 def _header(recipe: MergeRecipe, options: SearchOptions,
             examples: Sequence[Example]) -> dict[str, Any]:
-    data_hash = hashlib.sha256("\x00".join(f"{e.head}\x01{e.label}\x01{e.text}"
-                                           for e in examples).encode()).hexdigest()
+    data = hashlib.sha256()
+    for e in examples:
+        for part in (e.head, str(e.label), e.text):
+            raw = part.encode("utf-8", "surrogatepass")
+            data.update(len(raw).to_bytes(8, "little") + raw)
     recipe_dict = recipe.to_dict()
     recipe_dict.pop("seed", None)
     for m in recipe_dict["models"]:
         m.pop("density", None)
     return {"type": "search", "recipe": recipe_dict, "spec": identity(options),
-            "data_sha256": data_hash}
+            "data_sha256": data.hexdigest(), "inputs_sha256": _inputs_sha256(recipe, options)}
 
 
 def read_results(path: str | os.PathLike[str]) -> tuple[dict[str, Any] | None, list[TrialResult]]:
@@ -385,8 +422,8 @@ class _Search:
                                [t.to_json() + "\n" for t in done]), encoding="utf-8")
         os.replace(tmp, self.results_path)
         self.results = list(done)
-        self.best = max((r for r in self.results if r.stage == "full"),
-                        key=lambda r: (r.score, -r.trial), default=None)
+        self.finalists: set[int] | None = None  # with screening: set once stage 1 is done
+        self.best = self._best()
         self._context: TrialContext | None = None
         self._pool: Any = None
         # ETA per stage: a screening trial and a full one cost very differently. Until a full
@@ -424,15 +461,20 @@ class _Search:
             text += f", eta {format_seconds(self.eta())}"
         return text
 
+    def _best(self) -> TrialResult | None:
+        """The best full-stage trial; with screening, among the current finalists only (a
+        search extended with more trials ranks as a fresh search of that size would)."""
+        eligible = [r for r in self.results if r.stage == "full" and
+                    (self.finalists is None or r.trial in self.finalists)]
+        return max(eligible, key=lambda r: (r.score, -r.trial), default=None)
+
     def record(self, r: TrialResult, bar: Any) -> None:
         with open(self.results_path, "a", encoding="utf-8") as fh:
             fh.write(r.to_json() + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         self.results.append(r)
-        if r.stage == "full" and (self.best is None or
-                                  (r.score, -r.trial) > (self.best.score, -self.best.trial)):
-            self.best = r
+        self.best = self._best()
         bar.update(1)
         bar.set_postfix_str(self.note(), refresh=True)
 
@@ -455,6 +497,8 @@ class _Search:
                 self.record(run_trial(opts, t, self._context, stage=stage), bar)
             return
         if self._pool is None:
+            # statistics and teacher outputs computed once here, so the workers read the cache
+            warm_cache(self.recipe, opts.methods, progress=opts.progress)
             threads = max(1, (os.cpu_count() or 2) // opts.workers)
             self._pool = multiprocessing.get_context("spawn").Pool(
                 opts.workers, initializer=_init_worker,
@@ -475,6 +519,8 @@ class _Search:
                     screened = sorted((r for r in self.results if r.stage == "screen"),
                                       key=lambda r: (-r.score, r.trial))
                     finalists = sorted(r.trial for r in screened[:opts.n_finalists])
+                    self.finalists = set(finalists)
+                    self.best = self._best()
                     self.run_stage("full", self.missing("full", finalists), bar)
                 else:
                     self.run_stage("full", self.missing("full", range(opts.trials)), bar)
@@ -482,6 +528,9 @@ class _Search:
             if self._pool is not None:
                 self._pool.terminate()
                 self._pool.join()
+        if self.finalists is not None:  # full scores of trials no longer finalists: not ranked
+            self.results = [r for r in self.results
+                            if r.stage == "screen" or r.trial in self.finalists]
         self.results.sort(key=lambda r: (r.stage != "screen", r.trial))
         assert self.best is not None  # at least one full trial ran (trials >= 1)
         return self.best
@@ -498,6 +547,10 @@ def run_search(recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike[str],
     """
     opts = replace(options or SearchOptions(), **overrides)
     recipe = load_recipe(recipe)
+    data_aware = [m for m in opts.methods if get_method(m).data_aware]
+    if data_aware and recipe.calibration is None:
+        raise ConfigError(f"{recipe.source}: methods {', '.join(data_aware)} need calibration "
+                          "texts: add a 'calibration' section to the recipe")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     examples = list(data) if data and isinstance(data[0], Example) else load_examples(data)  # type: ignore[arg-type]
