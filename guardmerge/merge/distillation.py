@@ -31,18 +31,26 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .._atomic import atomic_directory
-from .._progress import progress as progress_bar
-from ..bundle import (copy_tokenizer, hash_files, inspect_bundle, resolve_model_dir, weight_files,
-                      write_manifest)
-from ..classifier import resolve_dtype
-from ..exceptions import ConfigError, MergeError
-from ..labels import Head
 from .._model import save_weights
+from .._progress import progress as progress_bar
+from .._safetensors import FLOAT_DTYPES
+from ..bundle import (
+    copy_tokenizer,
+    hash_files,
+    inspect_bundle,
+    resolve_model_dir,
+    weight_files,
+    write_manifest,
+)
+from ..classifier import resolve_dtype
+from ..exceptions import ConfigError
+from ..labels import Head
 from .activations import batches, head_probabilities, load_model
-from .refit import divergence
 from .calibration import load_calibration
 from .options import DistillOptions
-from .statistics import cache_dir, teacher_logits
+from .plan import ST_TO_DTYPE
+from .refit import divergence
+from .statistics import cache_dir, model_key, teacher_logits
 
 __all__ = ["distill", "teachers_for"]
 
@@ -71,24 +79,31 @@ def teachers_for(bundle_heads: Sequence[Head], sources: Mapping[str, str] | None
     for h in bundle_heads:
         model = sources.get(h.name) or h.source
         if not model:
-            raise MergeError(f"head {h.name!r}: the manifest names no source model; pass it "
-                             f"(--source {h.name}=DIR)")
+            raise ConfigError(f"head {h.name!r}: the manifest names no source model; pass it "
+                              f"(--source {h.name}=DIR)")
         groups.setdefault(model, []).append(h)
     teachers = []
     for model, heads in groups.items():
         folder, _ = resolve_model_dir(model, heads[0].revision if model == heads[0].source else None)
         info = inspect_bundle(folder)
-        if len(info.heads) != len(heads) or any(a.size != b.size for a, b in zip(heads, info.heads)):
-            raise MergeError(f"{model}: has heads {[(h.name, h.size) for h in info.heads]} but "
-                             f"the bundle takes {[(h.name, h.size) for h in heads]} from it")
+        theirs = {h.name: h for h in info.heads}
+        if len(heads) > 1 and all(h.name in theirs for h in heads):
+            pairs = [(h, theirs[h.name]) for h in heads]  # a bundle source: its heads by name
+        elif len(info.heads) == len(heads):
+            pairs = list(zip(heads, info.heads))  # a classifier (renamed by the recipe)
+        else:
+            pairs = []
+        if not pairs or any(a.size != b.size or a.kind != b.kind for a, b in pairs):
+            raise ConfigError(f"{model}: has heads {[(h.name, h.size) for h in info.heads]} but "
+                              f"the bundle takes {[(h.name, h.size) for h in heads]} from it")
         sha = hash_files(weight_files(folder))
         explicit = any(h.name in sources for h in heads)
         recorded = heads[0].sha256
         if recorded and sha != recorded and not explicit:
-            raise MergeError(f"{model}: its weights changed since the merge (sha256 {sha[:12]} "
-                             f"!= {recorded[:12]} in the manifest); pass --source "
-                             f"{heads[0].name}=DIR to distil from it anyway")
-        teachers.append(_Teacher(model, folder, sha, list(zip(heads, info.heads))))
+            raise ConfigError(f"{model}: its weights changed since the merge (sha256 {sha[:12]} "
+                              f"!= {recorded[:12]} in the manifest); pass --source "
+                              f"{heads[0].name}=DIR to distil from it anyway")
+        teachers.append(_Teacher(model, folder, model_key(folder, sha), pairs))
     return teachers
 
 
@@ -122,11 +137,14 @@ def distill(bundle: str | os.PathLike[str], texts: Sequence[str | os.PathLike[st
                                        temperature=opts.temperature)
             for mine, theirs in t.pairs:
                 if mine.kind != theirs.kind:
-                    raise MergeError(f"{t.source}: head {theirs.name!r} is {theirs.kind}, the "
-                                     f"bundle's {mine.name!r} is {mine.kind}")
+                    raise ConfigError(f"{t.source}: head {theirs.name!r} is {theirs.kind}, the "
+                                      f"bundle's {mine.name!r} is {mine.kind}")
                 targets.append((mine, probs[theirs.name]))
-        model, tokenizer = load_model(info.path)
+        model, tokenizer = load_model(info.path)  # trained in float32 (autocast computes)
         report = _train(model, tokenizer, corpus, targets, opts)
+        stored = {d for d in info.weight_dtypes if d in FLOAT_DTYPES}
+        if len(stored) == 1:  # written back in the bundle's own float dtype (a bf16 stays bf16)
+            model.to(ST_TO_DTYPE[stored.pop()])
         save_weights(model, tmp / info.weight_files[0].name)
         (tmp / "config.json").write_text(json.dumps(info.config, indent=2, sort_keys=True) + "\n",
                                          encoding="utf-8")
