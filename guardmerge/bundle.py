@@ -647,3 +647,19 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
                               limit=MAX_TOKENIZER_BYTES, what="tokenizer file")
             (dst / name).write_bytes(data)
     _ensure_vocab_txt(dst)
+    _ensure_tokenizer_json(dst)
+
+
+def _ensure_tokenizer_json(folder: Path) -> None:
+    """A SentencePiece-only tokenizer (``spm.model``, no ``tokenizer.json``) gets the
+    ``tokenizer.json`` transformers converts it to, beside the model file, so that the bundle
+    loads without the sentencepiece and protobuf packages (which the conversion needs)."""
+    from .classifier import load_tokenizer, sentencepiece_only
+
+    if sentencepiece_only(folder) is None:
+        return
+    backend = getattr(load_tokenizer(folder), "backend_tokenizer", None)
+    if backend is None:
+        raise ModelLoadError(f"{folder}: the SentencePiece tokenizer did not convert to a fast "
+                             "tokenizer (no tokenizer.json can be written)")
+    backend.save(str(folder / "tokenizer.json"))

@@ -19,6 +19,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from collections.abc import Mapping  # isinstance on it: typing.Mapping is several times slower
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
@@ -359,7 +360,35 @@ def load_tokenizer(folder: Any) -> Any:
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as exc:
+        spm = sentencepiece_only(folder)
+        if spm is not None and not _has_sentencepiece():
+            raise ModelLoadError(
+                f"{folder}: the tokenizer is a SentencePiece model ({spm}) without tokenizer.json; "
+                "converting it needs the sentencepiece and protobuf packages: pip install "
+                "'guardmerge[sentencepiece]' (a bundle merged from it carries the converted "
+                "tokenizer.json and loads without them)") from exc
         raise ModelLoadError(f"{folder}: cannot load the tokenizer: {exc}") from exc
+
+
+def sentencepiece_only(folder: Any) -> str | None:
+    """The SentencePiece model file of a tokenizer folder that has no ``tokenizer.json``."""
+    path = Path(folder) if isinstance(folder, (str, os.PathLike)) else None
+    if path is None or not path.is_dir() or (path / "tokenizer.json").exists():
+        return None
+    for name in ("spm.model", "sentencepiece.bpe.model"):
+        if (path / name).is_file():
+            return name
+    return None
+
+
+def _has_sentencepiece() -> bool:
+    import importlib.util
+
+    try:
+        return all(importlib.util.find_spec(m) is not None
+                   for m in ("sentencepiece", "google.protobuf"))
+    except ModuleNotFoundError:  # no ``google`` package at all
+        return False
 
 
 _PROBE = "hello world"

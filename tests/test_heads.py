@@ -271,6 +271,75 @@ def test_sentencepiece_models_are_copied_whole_and_compared(tmp_path):
         merge(recipe, tmp_path / "out2", progress=False)
 
 
+def _spm_only_folder(folder, spm):
+    """A source as microsoft/deberta-v3-base ships its tokenizer: spm.model, no tokenizer.json."""
+    (folder / "tokenizer.json").unlink()
+    (folder / "spm.model").write_bytes(spm)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "DebertaV2Tokenizer"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_real_sentencepiece_only_tokenizer_is_converted_once_into_the_bundle(tmp_path):
+    spm_lib = pytest.importorskip("sentencepiece")  # in the [dev] extra: CI runs this
+    import io
+
+    from transformers import DebertaV2Tokenizer
+
+    from guardmerge.testing import WORDS
+
+    model = io.BytesIO()
+    sentences = [" ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(9)) for i in range(400)]
+    spm_lib.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=60,
+        model_type="unigram", pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece="[PAD]",
+        bos_piece="[CLS]", eos_piece="[SEP]", unk_piece="[UNK]",
+        user_defined_symbols=["[MASK]"], hard_vocab_limit=False, minloglevel=2)
+    spm = model.getvalue()
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "spm.model").write_bytes(spm)
+    tok = DebertaV2Tokenizer.from_pretrained(tmp_path / "tok")  # converted by sentencepiece
+    base, state = build_base_folder(tmp_path / "base", tokenizer=tok, family="deberta-v2")
+    src = build_classifier_folder(tmp_path / "a", JB, tokenizer=tok, family="deberta-v2",
+                                  base_state=state, seed=1)
+    for folder in (base, src):
+        _spm_only_folder(folder, spm)
+    out = merge({"base": str(base), "models": [{"model": str(src)}]}, tmp_path / "out",
+                progress=False)
+    assert (out / "spm.model").read_bytes() == spm and (out / "tokenizer.json").exists()
+    text = " ".join(WORDS[:40])
+    ref_tok = AutoTokenizer.from_pretrained(src)  # the source's own, from spm.model
+    bundle_tok = AutoTokenizer.from_pretrained(out)  # the bundle's, from tokenizer.json
+    assert bundle_tok(text)["input_ids"] == ref_tok(text)["input_ids"]
+    assert len(ref_tok(text)["input_ids"]) > 20  # real pieces, not all [UNK]
+    with torch.no_grad():
+        ref = AutoModelForSequenceClassification.from_pretrained(src)(
+            **ref_tok(text, return_tensors="pt")).logits.softmax(-1)[0]
+    got = BundleClassifier.from_pretrained(out).classify([text])[0].heads["a"].scores
+    assert [got[label] for label in JB] == pytest.approx(ref.tolist(), abs=1e-5)
+
+
+def test_a_sentencepiece_only_tokenizer_without_the_packages_says_what_to_install(tmp_path,
+                                                                                 monkeypatch):
+    import guardmerge.classifier as classifier
+    from transformers import AutoTokenizer as Auto
+
+    tok = build_tokenizer(family="deberta-v2")
+    src = _spm_only_folder(build_classifier_folder(tmp_path / "a", JB, tokenizer=tok,
+                                                   family="deberta-v2"), b"not read")
+
+    def without_sentencepiece(*args, **kwargs):  # what transformers raises without the packages
+        raise ValueError("`tiktoken` is required to read a `tiktoken` file.")
+
+    monkeypatch.setattr(classifier, "_has_sentencepiece", lambda: False)
+    monkeypatch.setattr(Auto, "from_pretrained", without_sentencepiece)
+    with pytest.raises(ModelLoadError, match=r"a: the tokenizer is a SentencePiece model "
+                                             r"\(spm.model\) without tokenizer.json.*"
+                                             r"guardmerge\[sentencepiece\]"):
+        classifier.load_tokenizer(src)
+
+
 # -- the Hub path, offline ------------------------------------------------------------------------
 
 def test_hub_ids_resolve_offline_from_the_cache_with_a_pinned_revision(tmp_path, monkeypatch):
