@@ -40,6 +40,7 @@ import logging
 import os
 import time
 import uuid
+from urllib.parse import quote
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from starlette.applications import Starlette
@@ -50,12 +51,12 @@ from starlette.routing import Route
 
 from .._apis import API, CHAT, COMPLETIONS, RESPONSES
 from ..client import AsyncGuardedStream
-from ..exceptions import (ConfigError, ResponseBlockedError, UpstreamError,
+from ..exceptions import (ResponseBlockedError, UpstreamError,
                           UpstreamTimeout)
 from ..guard import Guard
 from ..verdict import Verdict
 from .batcher import Batcher
-from .config import ServeOptions
+from .config import _PARAM, SAFE_SEGMENT, ServeOptions
 from .metrics import CONTENT_TYPE, Metrics
 from .service import GuardService, guard_failed
 from .upstream import EventStream, Upstream, UpstreamReply
@@ -91,6 +92,36 @@ def _error(status: int, message: str, kind: str, *, code: str | None = None,
     body = {"error": {"message": message, "type": kind, "param": param, "code": code,
                       **(extra or {})}}
     return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+def not_found_response() -> JSONResponse:
+    return _error(404, "unknown route: this proxy serves only the routes it guards",
+                  "invalid_request_error", code="not_found")
+
+
+def _bind(endpoint: Callable[[Request, str], Awaitable[Response]],
+          template: str) -> Callable[[Request], Awaitable[Response]]:
+    async def bound(request: Request) -> Response:
+        return await endpoint(request, template)
+
+    return bound
+
+
+def _forward_path(template: str, params: Mapping[str, Any]) -> str | None:
+    """The upstream path (without ``/v1``) of a pass-through route: ``template`` with each
+    parameter percent-encoded, or None when one is not a single safe path segment (``..``,
+    an encoded slash, a query...: a path that could reach another upstream route)."""
+    def fill(match: Any) -> str:
+        value = str(params.get(match.group(1), ""))
+        if not SAFE_SEGMENT.fullmatch(value):
+            raise LookupError
+        return quote(value, safe="")
+
+    try:
+        path = _PARAM.sub(fill, template)
+    except LookupError:
+        return None
+    return path[len("/v1"):] if path.startswith("/v1/") else path
 
 
 def _upstream_error(exc: UpstreamError) -> JSONResponse:
@@ -282,6 +313,18 @@ class _State:
                           "invalid_request_error", code="invalid_json")
         return data
 
+    async def forward(self, request: Request, method: str, path: str, route: str, *,
+                      body: Any = None) -> Response:
+        """An unguarded pass-through: the upstream's answer, relayed as it came."""
+        assert self.upstream is not None
+        try:
+            reply = await self.upstream.send(method, path, route,
+                                             headers=self.upstream_headers(request), body=body,
+                                             params=request.query_params)
+        except UpstreamError as exc:
+            return _upstream_error(exc)
+        return _relay(reply)
+
     async def unless_disconnected(self, request: Request,
                                   work: Callable[[], Awaitable[Response]]) -> Response:
         """``work()``, cancelled if the client disconnects first (a queued check is then
@@ -310,6 +353,7 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
     ``os.environ``)."""
     if guard is None:
         options.require("bundle", "policy")
+    options.check_exposure(environ)  # no open relay on a public address
     state = _State(options, guard, transport, environ)
 
     def service() -> GuardService:
@@ -426,36 +470,26 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
         denied = state.deny(request, needs_guard=False)
         if denied is not None:
             return denied
-        assert state.upstream is not None
-        route = "/v1/models"
-        path = request.url.path[len("/v1"):]
-        try:
-            reply = await state.upstream.send("GET", path, route,
-                                              headers=state.upstream_headers(request))
-        except UpstreamError as exc:
-            return _upstream_error(exc)
-        return _relay(reply)
+        path = _forward_path("/v1/models" if "model" not in request.path_params else
+                             "/v1/models/{model}", request.path_params)
+        if path is None:
+            return not_found_response()
+        return await state.forward(request, "GET", path, "/v1/models")
 
-    async def passthrough(request: Request) -> Response:
+    async def passthrough(request: Request, template: str) -> Response:
         denied = state.deny(request, needs_guard=False)
         if denied is not None:
             return denied
-        assert state.upstream is not None
-        path = request.url.path
-        path = path[len("/v1"):] if path.startswith("/v1/") else path
+        path = _forward_path(template, request.path_params)
+        if path is None:
+            return not_found_response()
         body = None
         if request.method not in ("GET", "DELETE"):
             parsed = await state.body(request)
             if isinstance(parsed, Response):
                 return parsed
             body = parsed
-        try:
-            reply = await state.upstream.send(request.method, path, "passthrough",
-                                              headers=state.upstream_headers(request),
-                                              body=body, params=request.query_params)
-        except UpstreamError as exc:
-            return _upstream_error(exc)
-        return _relay(reply)
+        return await state.forward(request, request.method, path, "passthrough", body=body)
 
     async def guard_check(request: Request) -> Response:
         denied = state.deny(request)
@@ -538,8 +572,7 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     async def not_found(request: Request, exc: Exception) -> Response:
-        return _error(404, "unknown route: this proxy serves only the routes it guards",
-                      "invalid_request_error", code="not_found")
+        return not_found_response()
 
     async def server_error(request: Request, exc: Exception) -> Response:
         logger.error("request failed: %s", type(exc).__name__, exc_info=exc)
@@ -550,7 +583,7 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/responses", responses, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/models/{model:path}", models, methods=["GET"]),
+        Route("/v1/models/{model}", models, methods=["GET"]),
         Route("/v1/guard/check", guard_check, methods=["POST"]),
         Route("/beta/litellm_basic_guardrail_api", litellm, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
@@ -560,14 +593,12 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
     labels = {chat: "/v1/chat/completions", completions: "/v1/completions",
               responses: "/v1/responses", models: "/v1/models", guard_check: "/v1/guard/check",
               litellm: "/beta/litellm_basic_guardrail_api", healthz: "/healthz",
-              readyz: "/readyz", metrics: "/metrics", passthrough: "passthrough"}
-    taken = {(m, r.path) for r in routes for m in (r.methods or ())}
-    for entry in options.passthrough:
+              readyz: "/readyz", metrics: "/metrics"}
+    for entry in options.passthrough:  # validated by ServeOptions (passthrough_problem)
         method, _, path = entry.partition(" ")
-        if (method, path) in taken:
-            raise ConfigError(f"passthrough: {entry!r} is a guarded route; it cannot be "
-                              "passed through")
-        routes.append(Route(path, passthrough, methods=[method]))
+        endpoint = _bind(passthrough, path)
+        labels[endpoint] = "passthrough"
+        routes.append(Route(path, endpoint, methods=[method]))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
