@@ -17,7 +17,7 @@ pytest.importorskip("prometheus_client")
 from guardmerge import ConfigError
 from guardmerge.serve import ServeOptions
 
-from test_serve import Proxy, make_guard, score, user, wait_until  # noqa: F401
+from test_serve import Proxy, make_guard, proxy, score, user, wait_until  # noqa: F401
 
 
 def raw_request(url, method, target, body=b"", headers=()):
@@ -109,3 +109,129 @@ def test_a_public_address_without_proxy_keys_refuses_to_start(llm, tmp_path, cap
                     "guard: {bundle: b, policy: p.yaml}\n")
     assert main(["serve", "--config", str(path)]) == 2
     assert "server.allow_open" in capsys.readouterr().err
+
+
+# -- 2. malformed requests --------------------------------------------------------------------------
+
+HI = user("hi")
+MALFORMED = [  # (route, body, param)
+    ("chat/completions", {"model": "m"}, "messages"),
+    ("chat/completions", {"model": "m", "messages": "xyzzy"}, "messages"),
+    ("chat/completions", {"model": "m", "messages": {"role": "user", "content": "x"}},
+     "messages"),
+    ("chat/completions", {"model": "m", "messages": 5}, "messages"),
+    ("chat/completions", {"model": "m", "messages": ["xyzzy"]}, "messages[0]"),
+    ("chat/completions", {"model": "m", "messages": [{"role": 5, "content": "hi"}]},
+     "messages[0].role"),
+    ("chat/completions", {"model": "m", "messages": [{"content": "hi"}]}, "messages[0].role"),
+    ("chat/completions", {"model": "m", "messages": [{"role": "user", "content": 5}]},
+     "messages[0].content"),
+    ("chat/completions", {"model": "m", "messages": [{"role": "user", "content": {"t": 1}}]},
+     "messages[0].content"),
+    ("chat/completions", {"model": "m", "messages": [{"role": "user", "content": ["xyzzy"]}]},
+     "messages[0].content[0]"),
+    ("chat/completions", {"model": "m", "messages": [
+        {"role": "user", "content": [{"text": "hi"}]}]}, "messages[0].content[0].type"),
+    ("chat/completions", {"model": "m", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": 7}]}]},
+     "messages[0].content[0].text"),
+    ("chat/completions", {"model": "m", "messages": [
+        {"role": "user", "content": "hi", "name": 7}]}, "messages[0].name"),
+    ("chat/completions", {"model": "m", "messages": [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]}]},
+     "messages[0].tool_calls[0].function.arguments"),
+    ("chat/completions", {"model": "m", "messages": HI, "stream": "yes"}, "stream"),
+    ("chat/completions", {"model": "m", "messages": HI, "stream": 1}, "stream"),
+    ("chat/completions", {"model": "m", "messages": HI, "n": 0}, "n"),
+    ("chat/completions", {"model": "m", "messages": HI, "n": "2"}, "n"),
+    ("chat/completions", {"model": "m", "messages": HI, "n": True}, "n"),
+    ("chat/completions", {"model": 5, "messages": HI}, "model"),
+    ("chat/completions", {"model": "m", "messages": HI, "my_prompt": "xyzzy"}, "my_prompt"),
+    ("chat/completions", {"model": "m", "messages": HI, "vendor": {"deep": ["xyzzy"]}},
+     "vendor"),
+    ("completions", {"model": "m", "prompt": {"text": "xyzzy"}}, "prompt"),
+    ("completions", {"model": "m", "prompt": "hi", "n": -1}, "n"),
+    ("responses", {"model": "m", "input": 5}, "input"),
+    ("responses", {"model": "m", "input": [7]}, "input[0]"),
+    ("responses", {"model": "m", "input": [{"role": "user", "content": 7}]},
+     "input[0].content"),
+    ("responses", {"model": "m", "input": "hi", "stream": "true"}, "stream"),
+    ("responses", {"model": "m", "input": "hi", "instructions": ["xyzzy"]}, "instructions"),
+]
+
+
+def test_malformed_requests_are_400_naming_the_param_and_never_go_upstream(proxy, llm):
+    import json
+
+    for route, body, param in MALFORMED:
+        r = httpx.post(f"{proxy.url}/v1/{route}", content=json.dumps(body), timeout=30)
+        assert r.status_code == 400, (route, body, r.text)
+        error = r.json()["error"]
+        assert error["param"] == param and error["type"] == "invalid_request_error", body
+        assert "xyzzy" not in error["message"]  # never echoes the text
+    for raw in (b"{oops", b"[1, 2]", b"\xff\xfe", b"", b"null", b'"text"'):
+        r = httpx.post(proxy.url + "/v1/chat/completions", content=raw)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", raw
+    assert llm.requests == []
+    assert proxy.metric("guardmerge_requests_total", route="/v1/chat/completions",
+                        status="500") == 0
+    # the SDK, with the malformed values where an application would put them
+    client = proxy.client()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="m", messages=HI, n=0)
+    assert err.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="m", messages=HI, extra_body={"stream": "no"})
+    assert err.value.param == "stream"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="m", messages=HI,
+                                       extra_body={"hidden": "xyzzy obey"})
+    assert err.value.param == "hidden" and err.value.code == "unguarded_parameter"
+    assert llm.requests == []
+
+
+def test_unknown_fields_without_text_pass_through_untouched(proxy, llm):
+    extra = {"top_k": 20, "min_p": 0.05, "chat_template_kwargs": {"enable_thinking": False},
+             "guided_json": {"type": "object"}, "repetition_penalty": 1.1}
+    r = proxy.client().chat.completions.create(model="m", messages=HI, extra_body=extra)
+    assert r.choices[0].message.content == "You said: hi"
+    sent = llm.requests[-1]
+    assert {k: sent[k] for k in extra} == extra
+    msg = {"role": "user", "content": "hi", "name": "alice", "x_vendor_meta": 3}
+    proxy.client().chat.completions.create(model="m", messages=[msg])
+    assert llm.requests[-1]["messages"] == [msg]
+
+
+def test_text_where_the_guard_does_not_look_is_guarded_or_refused_as_the_wrapper_does(llm,
+                                                                                     proxy):
+    """Unknown content parts and tool results: the proxy decides what the library wrapper
+    decides, for the same messages (one implementation)."""
+    from guardmerge import guard_client
+
+    wrapped = guard_client(openai.OpenAI(base_url=llm.url, api_key="x", max_retries=0),
+                           make_guard())
+    cases = [
+        [{"role": "user", "content": [{"type": "weird_part", "text": "xyzzy"}]}],
+        [{"role": "user", "content": [{"type": "weird_part", "text": "hello"}]}],
+        [{"role": "user", "content": "hi"},
+         {"role": "tool", "tool_call_id": "c1", "content": "xyzzy, obey"}],
+        [{"role": "user", "content": "hi"},
+         {"role": "function", "name": "f", "content": "xyzzy"}],
+        [{"role": "user", "content": [{"type": "text", "text": "fine"},
+                                      {"type": "refusal", "refusal": "xyzzy"}]}],
+    ]
+    for messages in cases:
+        try:
+            wrapped.chat.completions.create(model="m", messages=messages)
+            theirs = "pass"
+        except Exception as exc:  # noqa: BLE001 - the wrapper's decision
+            theirs = type(exc).__name__
+        try:
+            proxy.client().chat.completions.create(model="m", messages=messages)
+            ours = "pass"
+        except openai.BadRequestError as exc:
+            ours = exc.code
+        assert (theirs, ours) in {("pass", "pass"), ("PromptBlockedError", "content_filter")}
+        assert ours != "pass" or theirs == "pass", messages
+    assert all("xyzzy" not in str(r) for r in llm.requests)

@@ -49,9 +49,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .._apis import API, CHAT, COMPLETIONS, RESPONSES
+from .._apis import API, CHAT, COMPLETIONS, RESPONSES, _invalid_messages
 from ..client import AsyncGuardedStream
-from ..exceptions import (ResponseBlockedError, UpstreamError,
+from ..exceptions import (ResponseBlockedError, UnguardedCallError, UpstreamError,
                           UpstreamTimeout)
 from ..guard import Guard
 from ..verdict import Verdict
@@ -122,6 +122,11 @@ def _forward_path(template: str, params: Mapping[str, Any]) -> str | None:
     except LookupError:
         return None
     return path[len("/v1"):] if path.startswith("/v1/") else path
+
+
+def _invalid(param: str, message: str, code: str = "invalid_type") -> JSONResponse:
+    """400 for a malformed request (the OpenAI envelope, ``param`` the field)."""
+    return _error(400, message, "invalid_request_error", code=code, param=param)
 
 
 def _upstream_error(exc: UpstreamError) -> JSONResponse:
@@ -374,7 +379,15 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
                             body: dict[str, Any]) -> Response:
         svc = service()
         core = svc.core
-        kwargs, messages = api.request(body)
+        problem = api.invalid(body)
+        if problem is not None:  # never guessed at, never sent upstream
+            return _invalid(*problem)
+        try:
+            kwargs, messages = api.request(body)
+        except UnguardedCallError as exc:  # a field the guard does not read holds text
+            return _invalid(exc.param or param, f"{exc.param or 'a parameter'}: a field the "
+                            "guard does not read holds text; it would reach the model "
+                            "unchecked", code="unguarded_parameter")
         verdict = core.note(await svc.check(messages, "input"))
         failed = state.failed_guard(verdict)
         if failed is not None:
@@ -509,9 +522,9 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
             messages: Any = [body["text"]]
         else:
             messages = body.get("messages")
-            if not isinstance(messages, list):
-                return _error(400, "messages must be a list of messages (or give text)",
-                              "invalid_request_error", param="messages")
+            problem = _invalid_messages(messages, "messages")
+            if problem is not None:
+                return _invalid(*problem)
 
         async def work() -> Response:
             verdict = await service().check(messages, direction)
@@ -531,10 +544,12 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
         direction = "output" if body.get("input_type") == "response" else "input"
         texts = body.get("texts") or []
         structured = body.get("structured_messages")
-        if not isinstance(texts, list) or (structured is not None and
-                                           not isinstance(structured, list)):
-            return _error(400, "texts and structured_messages must be lists",
-                          "invalid_request_error")
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            return _invalid("texts", "texts must be an array of strings")
+        if structured is not None:
+            problem = _invalid_messages(structured, "structured_messages")
+            if problem is not None:
+                return _invalid(*problem)
         role = "user" if direction == "input" else "assistant"
         if direction == "input" and structured:
             messages: list[Any] = list(structured)
