@@ -235,3 +235,107 @@ def test_text_where_the_guard_does_not_look_is_guarded_or_refused_as_the_wrapper
         assert (theirs, ours) in {("pass", "pass"), ("PromptBlockedError", "content_filter")}
         assert ours != "pass" or theirs == "pass", messages
     assert all("xyzzy" not in str(r) for r in llm.requests)
+
+
+# -- 5. one bad check does not poison its batch -------------------------------------------------------
+
+
+def test_a_check_that_makes_the_model_raise_fails_alone_not_its_whole_batch(llm):
+    import asyncio
+    import threading
+
+    def fragile(text):
+        if "poison" in text:
+            raise RuntimeError(f"model exploded on {text}")  # a message holding the text
+        return score(text)
+
+    with Proxy(llm.url, guard=make_guard(fragile, cache_size=0)) as proxy:
+        batcher = proxy.state.batcher
+        release, sizes = threading.Event(), []
+
+        def gate(batch):
+            sizes.append(len(batch))
+            if len(sizes) == 1:
+                release.wait(30)
+
+        batcher.before_batch = gate
+        prompts = ["first hello", "a poison pill", "fine one", "bad xyzzy", "another fine"]
+
+        async def main():
+            client = proxy.client(asynchronous=True)
+
+            async def one(text):
+                try:
+                    r = await client.chat.completions.create(model="m", messages=user(text))
+                    return r.choices[0].message.content
+                except openai.APIStatusError as exc:
+                    return exc.status_code, exc.body.get("code")
+
+            async def opener():
+                while not sizes or batcher.depth < len(prompts) - 1:
+                    await asyncio.sleep(0.005)
+                release.set()
+
+            got, _ = await asyncio.gather(asyncio.gather(*(one(p) for p in prompts)),
+                                          opener())
+            await client.close()
+            return got
+
+        results = asyncio.run(main())
+        batcher.before_batch = None
+    assert max(sizes) >= 4  # the queued prompts shared one batch, the poisoned one included
+    assert results == ["You said: first hello", (503, "guard_unavailable"),
+                       "You said: fine one", (400, "content_filter"), "You said: another fine"]
+    assert proxy.metric("guardmerge_fail_closed_total", reason="error") == 1
+
+
+# -- 6. readiness follows the model thread ------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_readyz_goes_unready_when_the_model_thread_dies_or_is_wedged(llm):
+    import threading
+
+    from guardmerge.serve.deployment import replica_health
+    from guardmerge import GuardmergeError
+
+    with Proxy(llm.url, check_timeout=0.3) as proxy:
+        assert httpx.get(proxy.url + "/readyz").status_code == 200
+        replica_health(proxy.app)  # Ray's check_health: healthy
+        batcher = proxy.state.batcher
+        entered, release = threading.Event(), threading.Event()
+
+        def wedge(batch):
+            entered.set()
+            release.wait(30)
+
+        batcher.before_batch = wedge
+        hung = threading.Thread(target=lambda: httpx.post(
+            proxy.url + "/v1/guard/check", json={"text": "hello"}, timeout=30))
+        hung.start()
+        entered.wait(30)
+        wait_until(lambda: httpx.get(proxy.url + "/readyz").status_code == 503)
+        r = httpx.get(proxy.url + "/readyz").json()
+        assert r["status"] == "unhealthy" and "wedged" in r["reason"]
+        with pytest.raises(GuardmergeError, match="wedged"):
+            replica_health(proxy.app)
+        with pytest.raises(openai.InternalServerError) as err:
+            proxy.client().chat.completions.create(model="m", messages=user("hi"))
+        assert err.value.body["code"] == "guard_not_ready"
+        batcher.before_batch = None
+        release.set()
+        hung.join(30)
+        wait_until(lambda: httpx.get(proxy.url + "/readyz").status_code == 200)
+
+        def die(batch):
+            raise SystemExit  # not an Exception: the model thread ends
+
+        batcher.before_batch = die
+        httpx.post(proxy.url + "/v1/guard/check", json={"text": "hello"}, timeout=30)
+        wait_until(lambda: not batcher._thread.is_alive())
+        r = httpx.get(proxy.url + "/readyz")
+        assert r.status_code == 503 and "died" in r.json()["reason"]
+        assert "guardmerge_ready 0.0" in httpx.get(proxy.url + "/metrics").text
+        with pytest.raises(GuardmergeError, match="died"):
+            replica_health(proxy.app)
+        assert llm.requests == []

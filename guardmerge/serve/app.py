@@ -248,6 +248,15 @@ class _State:
         logger.info("guard ready (replica %s, batching %s)", self.replica,
                     "on" if opts.batching else "off")
 
+    def health(self) -> str | None:
+        """Why this replica cannot serve (a failed start, a dead or wedged model thread), or
+        None: ``/readyz`` (with ``ready``) and Ray Serve's ``check_health`` both use it."""
+        if self.load_error is not None:
+            return "the guard failed to start"
+        if self.batcher is None or self.service is None:
+            return None  # still loading: not ready, but not broken
+        return self.batcher.health(wedged_after=3 * self.service.timeout)
+
     async def stop(self) -> None:
         if self.batcher is not None:
             self.batcher.stop()
@@ -267,9 +276,9 @@ class _State:
             if not ok:
                 return _error(401, "a valid API key for this proxy is required",
                               "invalid_request_error", code="invalid_api_key")
-        if needs_guard and not self.ready:
+        if needs_guard and (not self.ready or self.health() is not None):
             self.metrics.fail_closed.labels(reason="not_ready").inc()
-            return self.unavailable("the guard is not ready yet", "guard_not_ready")
+            return self.unavailable("the guard is not ready", "guard_not_ready")
         return None
 
     def unavailable(self, message: str, code: str = "guard_unavailable") -> JSONResponse:
@@ -575,10 +584,13 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        if state.ready:
+        problem = state.health()
+        state.metrics.ready.set(1 if state.ready and problem is None else 0)
+        if state.ready and problem is None:
             return JSONResponse({"status": "ready", "replica": state.replica})
-        status = "failed" if state.load_error else "loading"
-        return JSONResponse({"status": status}, status_code=503,
+        status = "failed" if state.load_error else "unhealthy" if problem else "loading"
+        body = {"status": status, **({"reason": problem} if status == "unhealthy" else {})}
+        return JSONResponse(body, status_code=503,
                             headers={"retry-after": str(options.retry_after)})
 
     async def metrics(request: Request) -> Response:

@@ -94,6 +94,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         #: called in the model thread just before each batch runs (tests gate batches here)
         self.before_batch: Callable[[list[Work]], None] | None = None
+        self._busy_since: float | None = None  # when the running batch started (None: idle)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -112,6 +113,19 @@ class Batcher:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+    def health(self, wedged_after: float) -> str | None:
+        """None when the model thread is alive and its batch (if any) has run for less than
+        ``wedged_after`` seconds; else why not (``/readyz`` and Ray's ``check_health``)."""
+        thread = self._thread
+        if thread is None or self._stopping:
+            return "the batcher is stopped"
+        if not thread.is_alive():
+            return "the batcher's model thread died"
+        since = self._busy_since
+        if since is not None and time.monotonic() - since > wedged_after:
+            return f"a guard batch has run for over {wedged_after:g} s (the model is wedged)"
+        return None
 
     @property
     def depth(self) -> int:
@@ -212,18 +226,19 @@ class Batcher:
             self._observe("queue_wait", start - work.enqueued)
         windows = sum(w.windows for w in batch)
         padded = windows * max(w.longest for w in batch)
+        self._busy_since = start
         try:
             if self.before_batch is not None:
                 self.before_batch(batch)
-            results = self._score(batch)
-        except Exception as exc:  # each caller's guard turns it into on_error
-            logger.warning("guard batch of %d checks failed (%s)", len(batch),
-                           type(exc).__name__)
-            error = exc if isinstance(exc, ClassifierError) else \
-                ClassifierError(f"guard model failed: {type(exc).__name__}: {exc}")
-            for work in batch:
-                self._deliver(work, error)
-            return
+            results: list[Any] = self._score(batch)
+        except Exception as exc:  # noqa: BLE001 - one bad check must not fail the others
+            logger.warning("guard batch of %d checks failed (%s)%s", len(batch),
+                           type(exc).__name__, "; scoring them one by one" if
+                           len(batch) > 1 else "")
+            results = [_as_error(exc)] if len(batch) == 1 else \
+                [self._score_alone(work) for work in batch]
+        finally:
+            self._busy_since = None
         seconds = time.monotonic() - start
         stats = self.stats
         stats.batches += 1
@@ -235,6 +250,13 @@ class Batcher:
         self._observe("batch", (len(batch), windows, padded, seconds))
         for work, result in zip(batch, results):
             self._deliver(work, result)
+
+    def _score_alone(self, work: Work) -> Any:
+        """One check of a failed batch, on its own: its scores, or its own error."""
+        try:
+            return self._score([work])[0]
+        except Exception as exc:  # noqa: BLE001 - delivered to that check's caller only
+            return _as_error(exc)
 
     def _score(self, batch: list[Work]) -> list[list[TextScores]]:
         if self._pooled:
@@ -271,6 +293,14 @@ class Batcher:
                 self.observe.batcher(what, value)
             except Exception:  # metrics never break a check
                 logger.exception("metrics observer failed")
+
+
+def _as_error(exc: Exception) -> ClassifierError:
+    """A model failure as the caller's guard sees it (``on_error``); a third-party error by
+    its type only: its message may hold the text."""
+    if isinstance(exc, ClassifierError):
+        return exc
+    return ClassifierError(f"guard model failed ({type(exc).__name__})")
 
 
 def _renumber(scores: Any, index: int) -> Any:
