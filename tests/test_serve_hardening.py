@@ -253,8 +253,13 @@ def test_a_check_that_makes_the_model_raise_fails_alone_not_its_whole_batch(llm)
         batcher = proxy.state.batcher
         release, sizes = threading.Event(), []
 
+        shared = []
+
         def gate(batch):
             sizes.append(len(batch))
+            texts = [t for w in batch for t in w.prepared]
+            if len(batch) > 1 and "a poison pill" in texts:
+                shared.append(len(batch))
             if len(sizes) == 1:
                 release.wait(30)
 
@@ -271,19 +276,20 @@ def test_a_check_that_makes_the_model_raise_fails_alone_not_its_whole_batch(llm)
                 except openai.APIStatusError as exc:
                     return exc.status_code, exc.body.get("code")
 
-            async def opener():
-                while not sizes or batcher.depth < len(prompts) - 1:
-                    await asyncio.sleep(0.005)
-                release.set()
-
-            got, _ = await asyncio.gather(asyncio.gather(*(one(p) for p in prompts)),
-                                          opener())
+            first = asyncio.ensure_future(one(prompts[0]))
+            while not sizes:  # the first check holds the model...
+                await asyncio.sleep(0.005)
+            rest = asyncio.ensure_future(asyncio.gather(*(one(p) for p in prompts[1:])))
+            while batcher.depth < len(prompts) - 1:  # ...while the others queue behind it
+                await asyncio.sleep(0.005)
+            release.set()
+            got = [await first, *await rest]
             await client.close()
             return got
 
         results = asyncio.run(main())
         batcher.before_batch = None
-    assert max(sizes) >= 4  # the queued prompts shared one batch, the poisoned one included
+    assert shared == [4]  # the poisoned check shared one batch with the three others
     assert results == ["You said: first hello", (503, "guard_unavailable"),
                        "You said: fine one", (400, "content_filter"), "You said: another fine"]
     assert proxy.metric("guardmerge_fail_closed_total", reason="error") == 1
