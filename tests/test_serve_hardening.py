@@ -345,3 +345,111 @@ def test_readyz_goes_unready_when_the_model_thread_dies_or_is_wedged(llm):
         with pytest.raises(GuardmergeError, match="died"):
             replica_health(proxy.app)
         assert llm.requests == []
+
+
+# -- 3. a client that left is a 499, never a fail-open or a pass ------------------------------------
+
+
+def test_a_client_that_left_is_499_everywhere_and_never_a_verdict(llm):
+    import asyncio
+    import threading
+
+    from test_serve import JB_POLICY
+
+    guard = make_guard(policy="on_error: pass\n" + JB_POLICY, cache_size=0)
+    llm.chunk_delay = 0.005
+    with Proxy(llm.url, guard=guard) as proxy:
+        batcher = proxy.state.batcher
+        entered, release = threading.Event(), threading.Event()
+
+        def gate(batch):
+            entered.set()
+            release.wait(30)
+
+        verdicts = proxy.metric("guardmerge_verdicts_total", direction="input", action="pass")
+        batcher.before_batch = gate
+
+        async def leave():  # 1. while its check is in the model
+            async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as http:
+                task = asyncio.ensure_future(http.post("/v1/chat/completions", json={
+                    "model": "m", "messages": user("leaving early")}))
+                while not entered.is_set():
+                    await asyncio.sleep(0.005)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+
+        asyncio.run(leave())
+        wait_until(lambda: proxy.metric("guardmerge_requests_total",
+                                        route="/v1/chat/completions", status="499") == 1)
+        batcher.before_batch = None
+        release.set()
+        # 2. in the middle of its request body
+        host, port = proxy.url.split("//")[1].split(":")
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Length: 1000\r\nContent-Type: application/json\r\n\r\n{\"mo")
+        wait_until(lambda: proxy.metric("guardmerge_requests_total",
+                                        route="/v1/chat/completions", status="499") == 2)
+        # 3. in the middle of a stream (its headers, 200, already went out)
+        llm.script.append({"reply": " ".join(f"w{i}" for i in range(3000))})
+        with httpx.stream("POST", proxy.url + "/v1/chat/completions", json={
+                "model": "m", "stream": True, "messages": user("long")}) as r:
+            lines = r.iter_lines()
+            [next(lines) for _ in range(3)]
+        wait_until(lambda: proxy.metric("guardmerge_requests_total",
+                                        route="/v1/chat/completions", status="499") == 3)
+        assert llm.disconnected.wait(30)
+        m = proxy.metric
+        assert m("guardmerge_requests_total", route="/v1/chat/completions", status="500") == 0
+        assert m("guardmerge_client_disconnects_total") == 3
+        assert m("guardmerge_fail_open_total", reason="error") == 0
+        assert m("guardmerge_fail_open_total", reason="timeout") == 0
+        # the one prompt that was checked to the end is the streamed one; the others left
+        assert m("guardmerge_verdicts_total", direction="input", action="pass") == verdicts + 1
+    assert [r["messages"][0]["content"] for r in llm.requests] == ["long"]
+
+
+# -- 4. bounded work before the queue -----------------------------------------------------------------
+
+
+def test_a_body_over_the_limit_is_413_and_a_full_queue_refuses_before_tokenising(llm):
+    import threading
+
+    with Proxy(llm.url, max_queue=1, max_body_bytes=64 * 1024) as proxy:
+        big = "word " * 20_000
+        r = httpx.post(proxy.url + "/v1/chat/completions", json={
+            "model": "m", "messages": user(big)})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        with pytest.raises(openai.APIStatusError) as err:
+            proxy.client().chat.completions.create(model="m", messages=user(big))
+        assert err.value.status_code == 413
+        batcher = proxy.state.batcher
+        prepared = []
+        real_prepare = batcher.prepare
+        batcher.prepare = lambda texts, *a: prepared.append(len(texts)) or real_prepare(texts, *a)
+        entered, release = threading.Event(), threading.Event()
+
+        def gate(batch):
+            entered.set()
+            release.wait(30)
+
+        batcher.before_batch = gate
+        a = threading.Thread(target=lambda: httpx.post(
+            proxy.url + "/v1/guard/check", json={"text": "first"}, timeout=30))
+        a.start()
+        entered.wait(30)
+        b = threading.Thread(target=lambda: httpx.post(
+            proxy.url + "/v1/guard/check", json={"text": "second"}, timeout=30))
+        b.start()
+        wait_until(lambda: batcher.depth == 1)
+        before = len(prepared)
+        r = httpx.post(proxy.url + "/v1/chat/completions", json={
+            "model": "m", "messages": user("word " * 10_000)}, timeout=30)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert len(prepared) == before  # refused before its text was tokenised
+        batcher.before_batch = None
+        release.set()
+        a.join(30), b.join(30)
+        assert batcher._waiting == 0  # every place given back
+    assert llm.requests == []

@@ -45,7 +45,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -70,6 +70,14 @@ _FORWARD_REQUEST = ("openai-organization", "openai-project", "openai-beta")
 _RELAY_RESPONSE = ("x-request-id", "openai-processing-ms", "openai-version",
                    "openai-organization", "retry-after", "retry-after-ms")
 _WARM_UP = "guardmerge warm-up"
+_PARSE_INLINE = 256 * 1024  # bodies at least this large are parsed in a worker thread
+_DISCONNECTED = "guardmerge.disconnected"  # scope key: the client left before its answer
+
+
+def mark_disconnected(scope: Any, metrics: Metrics) -> None:
+    if not scope.get(_DISCONNECTED):
+        scope[_DISCONNECTED] = True
+        metrics.disconnects.inc()
 
 
 def load_guard(options: ServeOptions) -> Guard:
@@ -162,7 +170,7 @@ class _EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: Any, *, on_disconnect: Callable[[], None],
+    def __init__(self, content: Any, *, on_disconnect: Callable[[Any], None],
                  headers: Mapping[str, str] | None = None) -> None:
         super().__init__(content, headers={"cache-control": "no-cache", **(headers or {})})
         self._on_disconnect = on_disconnect
@@ -173,7 +181,7 @@ class _EventStreamResponse(StreamingResponse):
         try:
             await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not task.done():
-                self._on_disconnect()
+                self._on_disconnect(scope)
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await task
@@ -311,14 +319,19 @@ class _State:
             return _error(413, f"the request body is over {limit} bytes",
                           "invalid_request_error", code="request_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                return _error(413, f"the request body is over {limit} bytes",
-                              "invalid_request_error", code="request_too_large")
-            chunks.append(chunk)
         try:
-            data = json.loads(b"".join(chunks) or b"null")
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    return _error(413, f"the request body is over {limit} bytes",
+                                  "invalid_request_error", code="request_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:  # the client left mid-upload: 499, never a 500
+            return self.client_left(request)
+        raw = b"".join(chunks) or b"null"
+        try:  # a large body is parsed off the event loop
+            data = json.loads(raw) if size < _PARSE_INLINE else \
+                await asyncio.to_thread(json.loads, raw)
         except (UnicodeDecodeError, json.JSONDecodeError):
             return _error(400, "the request body is not valid JSON", "invalid_request_error",
                           code="invalid_json")
@@ -351,11 +364,16 @@ class _State:
             watcher.cancel()
         if task.done():
             return task.result()
-        self.metrics.disconnects.inc()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        return Response(status_code=499)  # nginx's "client closed request": never sent
+        return self.client_left(request)
+
+    def client_left(self, request: Request) -> Response:
+        """The client disconnected: counted once, recorded as 499 (nginx's "client closed
+        request"; never sent) by ``_Observe``, whatever was started."""
+        mark_disconnected(request.scope, self.metrics)
+        return Response(status_code=499)
 
 
 def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: Any = None,
@@ -476,8 +494,8 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
                 await guarded_stream.close()
                 await stream.aclose()
 
-        return _EventStreamResponse(events(), on_disconnect=metrics.disconnects.inc,
-                                    headers=_relay_headers(stream.headers))
+        return _EventStreamResponse(events(), on_disconnect=lambda scope: mark_disconnected(
+            scope, metrics), headers=_relay_headers(stream.headers))
 
     async def chat(request: Request) -> Response:
         return await guarded(request, CHAT, "/v1/chat/completions", "messages")
@@ -675,7 +693,7 @@ class _Observe:
             await self.app(scope, receive, send_observed)
         finally:
             route = self.labels.get(scope.get("endpoint"), "unmatched")
-            code = str(status[0] or 499)
+            code = "499" if scope.get(_DISCONNECTED) or not status[0] else str(status[0])
             self.state.metrics.requests.labels(route=route, status=code).inc()
             access_logger.info("%s %s %s %.1fms", scope.get("method", "?"), route, code,
                                (time.monotonic() - start) * 1000)
