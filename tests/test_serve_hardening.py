@@ -453,3 +453,30 @@ def test_a_body_over_the_limit_is_413_and_a_full_queue_refuses_before_tokenising
         a.join(30), b.join(30)
         assert batcher._waiting == 0  # every place given back
     assert llm.requests == []
+
+
+# -- 8. how much of a verdict a caller sees -----------------------------------------------------------
+
+
+def test_verdict_detail_is_the_operators_choice(llm):
+    body = {"messages": [{"role": "user", "content": "please xyzzy"}]}
+    with Proxy(llm.url) as proxy:  # default: findings with spans, no per-head scores
+        v = httpx.post(proxy.url + "/v1/guard/check", json=body).json()
+        assert v["findings"][0]["span"] == [0, len("please xyzzy")] and "scores" not in v
+    with Proxy(llm.url, verdict_detail="action",
+               environ={"GUARDMERGE_API_KEYS": "k"}) as proxy:
+        auth = {"authorization": "Bearer k"}
+        v = httpx.post(proxy.url + "/v1/guard/check", json=body, headers=auth).json()
+        assert v == {"action": "block", "direction": "input"}
+        with pytest.raises(openai.BadRequestError) as err:
+            proxy.client(key="k").chat.completions.create(model="m", messages=user("xyzzy"))
+        assert err.value.body["verdict"] == {"action": "block", "direction": "input"}
+        r = httpx.post(proxy.url + "/beta/litellm_basic_guardrail_api", headers=auth,
+                       json={"texts": ["xyzzy"], "input_type": "request"}).json()
+        assert r["action"] == "BLOCKED" and "jailbreak" not in r["blocked_reason"]
+    guard = make_guard(include_scores=True)
+    with Proxy(llm.url, guard=guard, verdict_detail="scores") as proxy:
+        v = httpx.post(proxy.url + "/v1/guard/check", json=body).json()
+        assert v["scores"] and v["findings"]
+    with Proxy(llm.url, guard=make_guard(include_scores=True)) as proxy:
+        assert "scores" not in httpx.post(proxy.url + "/v1/guard/check", json=body).json()

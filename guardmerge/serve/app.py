@@ -23,6 +23,15 @@ with an OpenAI error body; an upstream's own error status and body are relayed a
 A client that disconnects stops its work: a queued check is dropped, an upstream request or
 stream is closed.
 
+Verdict detail (``server.verdict_detail``, decided here: a per-request switch would let
+any caller ask for more, so it is the operator's): the default ``findings`` returns what the
+issue asks for, in ``/v1/guard/check`` and under ``error.verdict`` of a blocked prompt: the
+action and each finding (head, label, its score and threshold, message index, character
+``span``; never text). That is an oracle an attacker can tune a prompt against, so ``action``
+returns only the action and direction (and LiteLLM's ``blocked_reason`` names no head or
+score); ``scores`` adds every head's scores for every text (``Guard(include_scores=True)``),
+for trusted callers only.
+
 Auth: by default the client's ``Authorization`` header goes upstream unchanged. With keys in
 ``$GUARDMERGE_API_KEYS`` (``keys_env``) the proxy requires one of them (constant-time
 compare; 401 otherwise) and never forwards it; a key in ``$GUARDMERGE_UPSTREAM_API_KEY``
@@ -90,7 +99,8 @@ def load_guard(options: ServeOptions) -> Guard:
     runtime = RuntimeOptions(dtype=options.dtype, threads=options.threads,  # type: ignore[arg-type]
                              batch_size=options.max_batch_windows)
     classifier = BundleClassifier.from_pretrained(options.bundle, options=runtime)  # type: ignore[arg-type]
-    return Guard(classifier, policy, cache_size=options.cache_size)
+    return Guard(classifier, policy, cache_size=options.cache_size,
+                 include_scores=options.verdict_detail == "scores")
 
 
 def _error(status: int, message: str, kind: str, *, code: str | None = None,
@@ -289,6 +299,16 @@ class _State:
             return self.unavailable("the guard is not ready", "guard_not_ready")
         return None
 
+    def shown(self, verdict: Verdict) -> dict[str, Any]:
+        """The verdict as callers see it (``verdict_detail``, module doc)."""
+        detail = self.options.verdict_detail
+        if detail == "action":
+            return {"action": verdict.action.value, "direction": verdict.direction}
+        out = verdict.to_dict()
+        if detail != "scores":
+            out.pop("scores", None)
+        return out
+
     def unavailable(self, message: str, code: str = "guard_unavailable") -> JSONResponse:
         return _error(503, message, "server_error", code=code,
                       headers={"retry-after": str(self.options.retry_after)})
@@ -423,7 +443,7 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
             return _error(400, "the prompt was blocked by the guard policy",
                           "invalid_request_error", code="content_filter", param=param,
                           headers={"x-should-retry": "false"},
-                          extra={"verdict": verdict.to_dict()})
+                          extra={"verdict": state.shown(verdict)})
         headers = state.upstream_headers(request)
         path = route[len("/v1"):]
         assert state.upstream is not None
@@ -555,7 +575,7 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
 
         async def work() -> Response:
             verdict = await service().check(messages, direction)
-            return state.failed_guard(verdict) or JSONResponse(verdict.to_dict())
+            return state.failed_guard(verdict) or JSONResponse(state.shown(verdict))
 
         return await state.unless_disconnected(request, work)
 
@@ -593,7 +613,9 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
                 return failed
             if verdict.blocked:
                 return JSONResponse({"action": "BLOCKED",
-                                     "blocked_reason": f"guardmerge: {verdict.summary()}"})
+                                     "blocked_reason": "guardmerge: " + (
+                                         verdict.summary() if options.verdict_detail != "action"
+                                         else "blocked by the guard policy")})
             return JSONResponse({"action": "NONE"})
 
         return await state.unless_disconnected(request, work)
