@@ -480,3 +480,97 @@ def test_verdict_detail_is_the_operators_choice(llm):
         assert v["scores"] and v["findings"]
     with Proxy(llm.url, guard=make_guard(include_scores=True)) as proxy:
         assert "scores" not in httpx.post(proxy.url + "/v1/guard/check", json=body).json()
+
+
+# -- 7. the response side ---------------------------------------------------------------------------
+
+
+def _completion(*messages, **extra):
+    return {"id": "c1", "object": "chat.completion", "created": 1, "model": "m",
+            "system_fingerprint": "fp", "x_vendor": {"trace": [1, 2]}, **extra,
+            "choices": [{"index": i, "finish_reason": "stop", "logprobs": None,
+                         "x_choice_meta": i, "message": {"role": "assistant", **m}}
+                        for i, m in enumerate(messages)]}
+
+
+RESPONSES = {  # name -> (upstream answer, the choices the guard must refuse)
+    "clean": (_completion({"content": "fine", "annotations": []}, {"content": "also fine"}),
+              set()),
+    "n2": (_completion({"content": "fine"}, {"content": "now xyzzy"}), {1}),
+    "refusal": (_completion({"content": None, "refusal": "xyzzy refusal"}), {0}),
+    "audio": (_completion({"content": None, "audio": {"id": "a", "transcript": "xyzzy said",
+                                                      "data": "", "expires_at": 1}}), {0}),
+    "reasoning": (_completion({"content": "ok", "reasoning_content": "xyzzy thoughts"}), {0}),
+    "tool": (_completion({"content": None, "tool_calls": [
+        {"id": "t", "type": "function",
+         "function": {"name": "run", "arguments": '{"cmd": "xyzzy"}'}}]}), {0}),
+}
+
+
+@pytest.mark.parametrize("tool_calls", [False, True])
+def test_response_fields_pass_untouched_and_unread_text_is_guarded_as_the_wrapper_does(
+        llm, tool_calls):
+    from guardmerge import guard_client
+    from test_serve import JB_POLICY
+
+    policy = JB_POLICY.replace("output:\n", "output:\n  check_tool_calls: true\n") \
+        if tool_calls else JB_POLICY
+    guard = make_guard(policy=policy)
+    wrapped = guard_client(openai.OpenAI(base_url=llm.url, api_key="x", max_retries=0), guard,
+                           on_block="refuse")
+    with Proxy(llm.url, guard=make_guard(policy=policy)) as proxy:
+        for name, (answer, refused) in RESPONSES.items():
+            if name == "tool" and not tool_calls:
+                refused = set()  # tool calls unchecked unless the policy says so
+            llm.script.append({"body": answer})
+            got = httpx.post(proxy.url + "/v1/chat/completions", json={
+                "model": "m", "messages": user("hi")}, timeout=30).json()
+            llm.script.append({"body": answer})
+            theirs = wrapped.chat.completions.create(model="m", messages=user("hi"))
+            blocked = {c["index"] for c in got["choices"]
+                       if c["finish_reason"] == "content_filter"}
+            assert blocked == refused, name
+            assert blocked == {c.index for c in theirs.choices
+                               if c.finish_reason == "content_filter"}, name
+            assert "xyzzy" not in str([got["choices"][i] for i in blocked])
+            for key in ("system_fingerprint", "x_vendor", "id", "created", "model"):
+                assert got[key] == answer[key], (name, key)
+            for i, choice in enumerate(got["choices"]):
+                if i not in blocked:
+                    assert choice == answer["choices"][i], name  # untouched
+                assert choice["x_choice_meta"] == i
+
+
+def test_streamed_unknown_fields_pass_untouched_and_unread_text_is_held(llm):
+    import json
+
+    def chunk(index, delta, finish=None, **extra):
+        return {"id": "s1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "x_vendor": {"k": index}, "obfuscation": "abc", **extra,
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish,
+                             "logprobs": None, "x_choice_meta": True}]}
+
+    clean = [chunk(0, {"role": "assistant", "content": "hello"}),
+             chunk(0, {"content": " there"}, "stop"),
+             {"id": "s1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+              "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2,
+                                       "total_tokens": 3}, "x_usage_extra": 7}]
+    with Proxy(llm.url) as proxy:
+        def events(script):
+            llm.script.append({"events": script})
+            with httpx.stream("POST", proxy.url + "/v1/chat/completions", json={
+                    "model": "m", "stream": True, "messages": user("hi")}, timeout=30) as r:
+                lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+            assert lines[-1] == "data: [DONE]"
+            return [json.loads(line[6:]) for line in lines[:-1]]
+
+        assert events(clean) == clean  # every field, as it came
+        for hidden in ({"refusal": "xyzzy no"}, {"reasoning_content": "xyzzy hmm"},
+                       {"audio": {"transcript": "xyzzy spoken"}}):
+            got = events([chunk(0, {"role": "assistant", "content": "ok "}),
+                          chunk(1, {"role": "assistant", "content": "fine"}),
+                          chunk(0, hidden), chunk(0, {}, "stop"), chunk(1, {}, "stop")])
+            assert "xyzzy" not in json.dumps(got), hidden
+            finish = {c["choices"][0]["index"]: c["choices"][0]["finish_reason"]
+                      for c in got if c["choices"] and c["choices"][0]["finish_reason"]}
+            assert finish[0] == "content_filter", hidden
