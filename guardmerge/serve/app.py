@@ -48,6 +48,7 @@ import json
 import logging
 import os
 import time
+import traceback
 import uuid
 from urllib.parse import quote
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
@@ -61,7 +62,7 @@ from starlette.routing import Route
 from .._apis import API, CHAT, COMPLETIONS, RESPONSES, _invalid_messages
 from ..client import AsyncGuardedStream
 from ..exceptions import (ResponseBlockedError, UnguardedCallError, UpstreamError,
-                          UpstreamTimeout)
+                          UpstreamTimeout, error_detail)
 from ..guard import Guard
 from ..verdict import Verdict
 from .batcher import Batcher
@@ -642,7 +643,12 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
         return not_found_response()
 
     async def server_error(request: Request, exc: Exception) -> Response:
-        logger.error("request failed: %s", type(exc).__name__, exc_info=exc)
+        # never exc_info: a third-party error's message (and so its traceback) may hold text
+        logger.error("request failed (%s)", error_detail(exc))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("request failure raised at: %s", " <- ".join(
+                f"{f.filename}:{f.lineno} in {f.name}"
+                for f in reversed(traceback.extract_tb(exc.__traceback__))))
         return _error(500, "internal error in the guard proxy", "server_error")
 
     routes = [

@@ -81,15 +81,15 @@ class GuardService:
             try:
                 messages = list(messages)
             except Exception as exc:
-                return self._failed(direction, exc, start)
+                return self._failed(direction, exc)
         try:
             verdict = await asyncio.wait_for(self._check(messages, direction), self.timeout)
         except asyncio.TimeoutError:
             verdict = self._failed(direction, ClassifierError(
-                f"the guard check took longer than its timeout of {self.timeout:g} s"), start,
+                f"the guard check took longer than its timeout of {self.timeout:g} s"),
                 reason="timeout")
         except Exception as exc:  # fail closed on anything the guard does wrong
-            verdict = self._failed(direction, exc, start)
+            verdict = self._failed(direction, exc)
         else:
             if guard_failed(verdict):
                 self._count_failure(verdict, "error")
@@ -114,7 +114,7 @@ class GuardService:
             scores = lookup.results()
         return self.guard.decide(plan, scores)
 
-    def _failed(self, direction: str, exc: BaseException, start: float,
+    def _failed(self, direction: str, exc: BaseException,
                 reason: str | None = None) -> Verdict:
         verdict = self.guard.failed(direction, exc)
         self._count_failure(verdict, reason or _reason(exc))
