@@ -246,7 +246,8 @@ def _invalid_content(content: Any, where: str, *, parts: bool = True) -> tuple[s
     if content is None or isinstance(content, str):
         return None
     if not parts or not isinstance(content, list):
-        return where, f"{where} must be a string{' or an array of content parts' if parts else ''}, got {_kind(content)}"
+        wanted = "a string or an array of content parts" if parts else "a string"
+        return where, f"{where} must be {wanted}, got {_kind(content)}"
     for i, part in enumerate(content):
         at = f"{where}[{i}]"
         if not isinstance(part, dict):

@@ -6,7 +6,10 @@ Routes (every other method and path is 404: an unguarded pass-through would be a
 - ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/responses``: guarded as the
   client wrapper guards them, by the wrapper's own adapters and stream driver. Bodies are
   plain JSON objects: unknown fields pass through untouched.
-- ``GET /v1/models``, ``GET /v1/models/{model}``: passed through (no text).
+- ``GET /v1/models``, ``GET /v1/models/{model}``: passed through (no text). A pass-through
+  path parameter (the model id, a ``passthrough`` route's) must be one safe segment
+  (``config.SAFE_SEGMENT``: never ``.`` / ``..``, an encoded slash, ``?``, ``#``) and is
+  percent-encoded upstream; anything else is this proxy's 404, never another upstream route.
 - ``POST /v1/guard/check``: ``{"messages": [...], "direction": "input"}`` -> the verdict.
 - ``POST /beta/litellm_basic_guardrail_api``: LiteLLM's Generic Guardrail API.
 - ``GET /healthz`` (the process is up), ``/readyz`` (the model is loaded and one warm-up
@@ -20,8 +23,11 @@ policy's refusal text (Responses: ``status: incomplete``); a guard that failed, 
 is overloaded or not ready yet is 503 with ``Retry-After`` (fail closed, under the default
 ``on_error: block``); an upstream that cannot be reached is 502, one that timed out 504,
 with an OpenAI error body; an upstream's own error status and body are relayed as they are.
+A malformed request (``API.invalid``: a field of the wrong type, named in ``param``) is 400
+and never goes upstream; a field the guard does not read that holds text is 400
+``unguarded_parameter`` (the wrapper refuses it too); a body over ``max_body_bytes`` is 413.
 A client that disconnects stops its work: a queued check is dropped, an upstream request or
-stream is closed.
+stream is closed, and the request is recorded as 499 (never as a verdict).
 
 Verdict detail (``server.verdict_detail``, decided here: a per-request switch would let
 any caller ask for more, so it is the operator's): the default ``findings`` returns what the

@@ -6,7 +6,8 @@ command line (``guardmerge serve --port 9000 ...``: every CLI field is a flag). 
 
     version: 1
     server:    {host: 127.0.0.1, port: 8000, max_body_bytes: 8388608, retry_after: 1,
-                passthrough: []}         # unguarded routes, explicitly: "GET /v1/models/{x}"
+                passthrough: [],         # unguarded routes, explicitly: "GET /v1/files/{x}"
+                verdict_detail: findings, allow_open: false}
     upstream:  {base_url: "http://127.0.0.1:8001/v1", connect_timeout: 5, timeout: 600,
                 max_connections: 256, api_key_env: GUARDMERGE_UPSTREAM_API_KEY}
     guard:     {bundle: bundles/guard, policy: policies/default.yaml, dtype: float32,
@@ -20,7 +21,12 @@ Paths in the file are relative to the file. Flags override the file; secrets nev
 either: the proxy's own keys (comma-separated) come from the environment variable
 ``auth.keys_env`` names, the key injected upstream from ``upstream.api_key_env``. Every
 problem in a file is reported at once, each naming the file and the key path
-(``serve.yaml: batching.max_windows: expected an integer >= 1, got 0``), as a ``ConfigError``.
+(``serve.yaml: batching.max_windows: expected an integer >= 1, got 0``), as a ``ConfigError``;
+a flag's problem names the flag (``--max-batch-windows: ...``), a key read from the
+environment its variable (never the value), a ``ServeOptions(...)`` argument its field.
+``passthrough`` entries are checked by ``passthrough_problem`` (single-segment parameters,
+plain literal segments, nothing at or under one of the proxy's own routes), and
+``check_exposure`` refuses a public address without proxy keys unless ``allow_open``.
 No torch, no starlette: the CLI builds its flags from this module.
 """
 
