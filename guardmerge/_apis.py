@@ -125,6 +125,7 @@ def _screened(api: "API", where: str, key: Any, value: Any) -> Any:
     if not (isinstance(key, str) and _NAME.fullmatch(key)):
         raise UnguardedCallError(f"{api.name}.create({where})",
                                  "a parameter name that is not a name could carry text")
+    param = key
     if not _given(value):
         return value
     try:
@@ -135,7 +136,8 @@ def _screened(api: "API", where: str, key: Any, value: Any) -> Any:
         raise UnguardedCallError(
             f"{api.name}.create({where})",
             "a parameter the guard does not know, and its value holds text that would reach "
-            "the model unchecked; pass the text in a parameter the guard reads")
+            "the model unchecked; pass the text in a parameter the guard reads",
+            param=param if where.startswith("'") else "extra_body")
     return value
 
 
@@ -196,6 +198,98 @@ class API:
 
     def early_stream(self, kwargs: Mapping[str, Any], refusal: str, sdk: bool) -> list[Any]:
         raise NotImplementedError
+
+    def invalid(self, body: Mapping[str, Any]) -> tuple[str, str] | None:
+        """``(param, problem)`` for the first field of a wire request ``body`` (parsed JSON)
+        whose type the API does not allow, or None: the proxy answers it with a 400 naming
+        ``param`` instead of guessing what a malformed field means. Only fields the API
+        defines are checked; unknown ones are ``request``'s (``_screen``)."""
+        for name, kind in self.wire_types.items():
+            problem = _wire_type(body.get(name), kind, name) if name in body else None
+            if problem is not None:
+                return problem
+        return self._invalid_text(body)
+
+    #: the typed fields of a wire request: name -> "bool", "count" (an integer >= 1),
+    #: "string", "object", "list" (each also null)
+    wire_types: dict[str, str] = {}
+
+    def _invalid_text(self, body: Mapping[str, Any]) -> tuple[str, str] | None:
+        return None
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "an object", type(None): "null"}.get(type(value),
+                                                                         type(value).__name__)
+
+
+def _wire_type(value: Any, kind: str, where: str) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    ok = {"bool": isinstance(value, bool),
+          "count": isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+          "string": isinstance(value, str), "object": isinstance(value, dict),
+          "list": isinstance(value, list)}[kind]
+    if ok:
+        return None
+    wanted = {"bool": "a boolean", "count": "an integer >= 1", "string": "a string",
+              "object": "an object", "list": "an array"}[kind]
+    got = f"{value}" if kind == "count" and isinstance(value, int) and \
+        not isinstance(value, bool) else _kind(value)
+    return where, f"{where} must be {wanted}, got {got}"
+
+
+def _invalid_content(content: Any, where: str, *, parts: bool = True) -> tuple[str, str] | None:
+    """A message's ``content``: null, a string, or (``parts``) an array of content parts,
+    each an object with a string ``type`` whose text field, if it has one, is a string."""
+    if content is None or isinstance(content, str):
+        return None
+    if not parts or not isinstance(content, list):
+        wanted = "a string or an array of content parts" if parts else "a string"
+        return where, f"{where} must be {wanted}, got {_kind(content)}"
+    for i, part in enumerate(content):
+        at = f"{where}[{i}]"
+        if not isinstance(part, dict):
+            return at, f"{at} must be a content part (an object), got {_kind(part)}"
+        if not isinstance(part.get("type"), str):
+            return f"{at}.type", f"{at}.type must be a string, got {_kind(part.get('type'))}"
+        for key in ("text", "refusal"):
+            if key in part and not isinstance(part[key], (str, type(None))):
+                return f"{at}.{key}", f"{at}.{key} must be a string, got {_kind(part[key])}"
+    return None
+
+
+def _invalid_messages(messages: Any, where: str) -> tuple[str, str] | None:
+    """Chat messages: an array of objects, each with a string ``role``, ``content`` as
+    ``_invalid_content`` says, a string ``name`` and an array of ``tool_calls`` (if any)."""
+    if not isinstance(messages, list):
+        return where, f"{where} must be an array of messages, got {_kind(messages)}"
+    for i, msg in enumerate(messages):
+        at = f"{where}[{i}]"
+        if not isinstance(msg, dict):
+            return at, f"{at} must be a message (an object), got {_kind(msg)}"
+        if not isinstance(msg.get("role"), str):
+            return f"{at}.role", f"{at}.role must be a string, got {_kind(msg.get('role'))}"
+        problem = _invalid_content(msg.get("content"), f"{at}.content")
+        if problem is not None:
+            return problem
+        for key, kind in (("name", "string"), ("tool_call_id", "string"),
+                          ("tool_calls", "list"), ("function_call", "object")):
+            problem = _wire_type(msg.get(key), kind, f"{at}.{key}") if key in msg else None
+            if problem is not None:
+                return problem
+        for j, call in enumerate(msg.get("tool_calls") or []):
+            fn = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(call, dict) or not isinstance(fn if fn is not None else {}, dict):
+                return f"{at}.tool_calls[{j}]", f"{at}.tool_calls[{j}] must be a tool call object"
+            for key in ("name", "arguments"):
+                value = (fn or {}).get(key)
+                if value is not None and not isinstance(value, str):
+                    return (f"{at}.tool_calls[{j}].function.{key}",
+                            f"{at}.tool_calls[{j}].function.{key} must be a string, got "
+                            f"{_kind(value)}")
+    return None
 
 
 class Reader:
@@ -359,6 +453,15 @@ class ChatAPI(_Choices):
         "stop", "store", "stream", "stream_options", "temperature", "tool_choice", "tools",
         "top_logprobs", "top_p", "user", "verbosity", "web_search_options"})
 
+    wire_types = {"model": "string", "stream": "bool", "n": "count", "stream_options": "object",
+                  "tools": "list", "logprobs": "bool", "parallel_tool_calls": "bool",
+                  "store": "bool"}
+
+    def _invalid_text(self, body: Mapping[str, Any]) -> tuple[str, str] | None:
+        if "messages" not in body:
+            return "messages", "messages is required"
+        return _invalid_messages(body["messages"], "messages")
+
     def request(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
         kwargs = _screen(self, kwargs)
         messages = kwargs.get("messages")
@@ -426,6 +529,23 @@ class CompletionsAPI(_Choices):
         "model", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens",
         "n", "presence_penalty", "seed", "stop", "stream", "stream_options", "temperature",
         "top_p", "user"})
+
+    wire_types = {"model": "string", "stream": "bool", "n": "count", "best_of": "count",
+                  "echo": "bool", "suffix": "string", "stream_options": "object"}
+
+    def _invalid_text(self, body: Mapping[str, Any]) -> tuple[str, str] | None:
+        prompt = body.get("prompt")
+        if isinstance(prompt, str) or prompt is None:
+            return None
+        if isinstance(prompt, list):
+            if all(isinstance(p, str) for p in prompt):
+                return None
+            if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+                return None  # token ids: unreadable, the policy's on_error decides
+            if all(isinstance(p, list) for p in prompt):
+                return None
+        return "prompt", (f"prompt must be a string, an array of strings or token ids, got "
+                          f"{_kind(prompt)}")
 
     def request(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
         kwargs = _screen(self, kwargs)
@@ -529,6 +649,31 @@ class ResponsesAPI(API):
         "prompt_cache_retention", "reasoning", "safety_identifier", "service_tier", "store",
         "stream", "stream_options", "temperature", "text", "text_format", "tool_choice",
         "tools", "top_logprobs", "top_p", "truncation", "user", "verbosity"})
+
+    wire_types = {"model": "string", "stream": "bool", "instructions": "string",
+                  "tools": "list", "store": "bool", "background": "bool", "prompt": "object",
+                  "parallel_tool_calls": "bool"}
+
+    def _invalid_text(self, body: Mapping[str, Any]) -> tuple[str, str] | None:
+        value = body.get("input")
+        if value is None or isinstance(value, str):
+            return None
+        if not isinstance(value, list):
+            return "input", f"input must be a string or an array of items, got {_kind(value)}"
+        for i, item in enumerate(value):
+            at = f"input[{i}]"
+            if isinstance(item, str):
+                continue
+            if not isinstance(item, dict):
+                return at, f"{at} must be an item (an object), got {_kind(item)}"
+            for key in ("role", "type"):
+                if key in item and not isinstance(item[key], str):
+                    return f"{at}.{key}", f"{at}.{key} must be a string, got {_kind(item[key])}"
+            if "role" in item:
+                problem = _invalid_content(item.get("content"), f"{at}.content")
+                if problem is not None:
+                    return problem
+        return None
 
     def request(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
         kwargs = _screen(self, kwargs)

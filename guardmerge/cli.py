@@ -508,7 +508,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     options = load_config(args.config) if args.config else _ServeOptions()
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(_ServeOptions)
              if f.metadata.get("cli") and getattr(args, f.name, _UNSET) is not _UNSET}
-    options = merge_flags(options, given)
+    options = merge_flags(options, given, source=args.config)
     options.require("upstream", "bundle", "policy")
     _quiet_transformers(args.verbose)
     run(options)

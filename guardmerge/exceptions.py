@@ -108,13 +108,16 @@ class GuardOverloaded(ClassifierError):
 class UnguardedCallError(GuardmergeError):
     """A guarded client refused a call that could carry text around the guard.
 
-    ``method`` names it (``"client.embeddings.create"``). Every request path of a guarded
+    ``method`` names it (``"client.embeddings.create"``), ``param`` the refused parameter
+    when one was (a plain name, else None). Every request path of a guarded
     client is either guarded or refused: none is passed through unguarded by default. Call it
     on ``guarded.wrapped`` to bypass the guard deliberately.
     """
 
-    def __init__(self, method: str, reason: str | None = None) -> None:
+    def __init__(self, method: str, reason: str | None = None, *,
+                 param: str | None = None) -> None:
         self.method = method
+        self.param = param  # the refused request parameter, when one is (a plain name)
         reason = reason or "it can carry text to or from a model"
         super().__init__(f"{method}: not guarded by guardmerge ({reason}); call it on the "
                          "client's .wrapped to bypass the guard deliberately")

@@ -63,8 +63,8 @@ extra: {}
     path.write_text("upstream: {base_url: 'ftp://x'}\nguard: {window_chars: 10, overlap_chars: 10}\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert f"{path}: upstream: expected an http://" in str(err.value)
-    assert f"{path}: overlap_chars" in str(err.value)
+    assert f"{path}: upstream.base_url: expected an http://" in str(err.value)
+    assert f"{path}: guard.overlap_chars: need 0 <= overlap_chars" in str(err.value)
     path.write_text("server: {port: 1}\nserver: {port: 2}\n")
     with pytest.raises(ConfigError, match="duplicate key"):
         load_config(path)
@@ -117,3 +117,33 @@ def test_pooled_batches_score_exactly_as_separate_calls(trigger_bundle):
     assert pooled[1][0].score("jailbreak", "jailbreak") > 0.9
     assert pooled[0][0].score("jailbreak", "jailbreak") < 0.1
     assert clf.classify_batch([]) == []
+
+
+def test_cross_field_flag_and_environment_problems_name_where_the_value_came_from(tmp_path,
+                                                                                capsys):
+    from guardmerge.serve.config import merge_flags
+
+    path = tmp_path / "serve.yaml"
+    path.write_text("server: {port: 9100}\nbatching: {max_windows: 4}\n"
+                    "guard: {window_chars: 100, overlap_chars: 50}\n")
+    opts = load_config(path)
+    with pytest.raises(ConfigError) as err:
+        merge_flags(opts, {"max_batch_windows": -1}, source=str(path))
+    assert str(err.value) == "--max-batch-windows: must be a positive integer, got -1"
+    with pytest.raises(ConfigError) as err:  # from Python: the field's name
+        ServeOptions(window_chars=10, overlap_chars=50)
+    assert str(err.value).startswith("overlap_chars: need 0 <= overlap_chars < window_chars")
+    assert main(["serve", "--config", str(path), "--max-batch-windows", "-1",
+                 "--upstream", "http://x/v1"]) == 2
+    assert "--max-batch-windows: must be a positive integer, got -1" in capsys.readouterr().err
+    path.write_text("auth: {keys_env: 'NOT A NAME'}\nupstream: {api_key_env: OK_NAME}\n")
+    with pytest.raises(ConfigError, match=rf"{path}: auth.keys_env: expected an environment "
+                                          "variable name"):
+        load_config(path)
+    opts = ServeOptions(keys_env="MY_KEYS", upstream_key_env="MY_UP")
+    with pytest.raises(ConfigError) as err:
+        opts.proxy_keys({"MY_KEYS": "good-key,bad key\x01"})
+    assert str(err.value).startswith("$MY_KEYS (auth.keys_env): key 2 ")
+    assert "bad" not in str(err.value)  # never the value
+    with pytest.raises(ConfigError, match=r"^\$MY_UP \(upstream.api_key_env\)"):
+        opts.upstream_key({"MY_UP": "sk-\nInjected: header"})

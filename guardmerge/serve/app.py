@@ -6,7 +6,10 @@ Routes (every other method and path is 404: an unguarded pass-through would be a
 - ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/responses``: guarded as the
   client wrapper guards them, by the wrapper's own adapters and stream driver. Bodies are
   plain JSON objects: unknown fields pass through untouched.
-- ``GET /v1/models``, ``GET /v1/models/{model}``: passed through (no text).
+- ``GET /v1/models``, ``GET /v1/models/{model}``: passed through (no text). A pass-through
+  path parameter (the model id, a ``passthrough`` route's) must be one safe segment
+  (``config.SAFE_SEGMENT``: never ``.`` / ``..``, an encoded slash, ``?``, ``#``) and is
+  percent-encoded upstream; anything else is this proxy's 404, never another upstream route.
 - ``POST /v1/guard/check``: ``{"messages": [...], "direction": "input"}`` -> the verdict.
 - ``POST /beta/litellm_basic_guardrail_api``: LiteLLM's Generic Guardrail API.
 - ``GET /healthz`` (the process is up), ``/readyz`` (the model is loaded and one warm-up
@@ -20,8 +23,20 @@ policy's refusal text (Responses: ``status: incomplete``); a guard that failed, 
 is overloaded or not ready yet is 503 with ``Retry-After`` (fail closed, under the default
 ``on_error: block``); an upstream that cannot be reached is 502, one that timed out 504,
 with an OpenAI error body; an upstream's own error status and body are relayed as they are.
+A malformed request (``API.invalid``: a field of the wrong type, named in ``param``) is 400
+and never goes upstream; a field the guard does not read that holds text is 400
+``unguarded_parameter`` (the wrapper refuses it too); a body over ``max_body_bytes`` is 413.
 A client that disconnects stops its work: a queued check is dropped, an upstream request or
-stream is closed.
+stream is closed, and the request is recorded as 499 (never as a verdict).
+
+Verdict detail (``server.verdict_detail``, decided here: a per-request switch would let
+any caller ask for more, so it is the operator's): the default ``findings`` returns what the
+issue asks for, in ``/v1/guard/check`` and under ``error.verdict`` of a blocked prompt: the
+action and each finding (head, label, its score and threshold, message index, character
+``span``; never text). That is an oracle an attacker can tune a prompt against, so ``action``
+returns only the action and direction (and LiteLLM's ``blocked_reason`` names no head or
+score); ``scores`` adds every head's scores for every text (``Guard(include_scores=True)``),
+for trusted callers only.
 
 Auth: by default the client's ``Authorization`` header goes upstream unchanged. With keys in
 ``$GUARDMERGE_API_KEYS`` (``keys_env``) the proxy requires one of them (constant-time
@@ -39,23 +54,25 @@ import json
 import logging
 import os
 import time
+import traceback
 import uuid
+from urllib.parse import quote
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .._apis import API, CHAT, COMPLETIONS, RESPONSES
+from .._apis import API, CHAT, COMPLETIONS, RESPONSES, _invalid_messages
 from ..client import AsyncGuardedStream
-from ..exceptions import (ConfigError, ResponseBlockedError, UpstreamError,
-                          UpstreamTimeout)
+from ..exceptions import (ResponseBlockedError, UnguardedCallError, UpstreamError,
+                          UpstreamTimeout, error_detail)
 from ..guard import Guard
 from ..verdict import Verdict
 from .batcher import Batcher
-from .config import ServeOptions
+from .config import _PARAM, SAFE_SEGMENT, ServeOptions
 from .metrics import CONTENT_TYPE, Metrics
 from .service import GuardService, guard_failed
 from .upstream import EventStream, Upstream, UpstreamReply
@@ -69,6 +86,14 @@ _FORWARD_REQUEST = ("openai-organization", "openai-project", "openai-beta")
 _RELAY_RESPONSE = ("x-request-id", "openai-processing-ms", "openai-version",
                    "openai-organization", "retry-after", "retry-after-ms")
 _WARM_UP = "guardmerge warm-up"
+_PARSE_INLINE = 256 * 1024  # bodies at least this large are parsed in a worker thread
+_DISCONNECTED = "guardmerge.disconnected"  # scope key: the client left before its answer
+
+
+def mark_disconnected(scope: Any, metrics: Metrics) -> None:
+    if not scope.get(_DISCONNECTED):
+        scope[_DISCONNECTED] = True
+        metrics.disconnects.inc()
 
 
 def load_guard(options: ServeOptions) -> Guard:
@@ -81,7 +106,8 @@ def load_guard(options: ServeOptions) -> Guard:
     runtime = RuntimeOptions(dtype=options.dtype, threads=options.threads,  # type: ignore[arg-type]
                              batch_size=options.max_batch_windows)
     classifier = BundleClassifier.from_pretrained(options.bundle, options=runtime)  # type: ignore[arg-type]
-    return Guard(classifier, policy, cache_size=options.cache_size)
+    return Guard(classifier, policy, cache_size=options.cache_size,
+                 include_scores=options.verdict_detail == "scores")
 
 
 def _error(status: int, message: str, kind: str, *, code: str | None = None,
@@ -91,6 +117,41 @@ def _error(status: int, message: str, kind: str, *, code: str | None = None,
     body = {"error": {"message": message, "type": kind, "param": param, "code": code,
                       **(extra or {})}}
     return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+def not_found_response() -> JSONResponse:
+    return _error(404, "unknown route: this proxy serves only the routes it guards",
+                  "invalid_request_error", code="not_found")
+
+
+def _bind(endpoint: Callable[[Request, str], Awaitable[Response]],
+          template: str) -> Callable[[Request], Awaitable[Response]]:
+    async def bound(request: Request) -> Response:
+        return await endpoint(request, template)
+
+    return bound
+
+
+def _forward_path(template: str, params: Mapping[str, Any]) -> str | None:
+    """The upstream path (without ``/v1``) of a pass-through route: ``template`` with each
+    parameter percent-encoded, or None when one is not a single safe path segment (``..``,
+    an encoded slash, a query...: a path that could reach another upstream route)."""
+    def fill(match: Any) -> str:
+        value = str(params.get(match.group(1), ""))
+        if not SAFE_SEGMENT.fullmatch(value):
+            raise LookupError
+        return quote(value, safe="")
+
+    try:
+        path = _PARAM.sub(fill, template)
+    except LookupError:
+        return None
+    return path[len("/v1"):] if path.startswith("/v1/") else path
+
+
+def _invalid(param: str, message: str, code: str = "invalid_type") -> JSONResponse:
+    """400 for a malformed request (the OpenAI envelope, ``param`` the field)."""
+    return _error(400, message, "invalid_request_error", code=code, param=param)
 
 
 def _upstream_error(exc: UpstreamError) -> JSONResponse:
@@ -126,7 +187,7 @@ class _EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: Any, *, on_disconnect: Callable[[], None],
+    def __init__(self, content: Any, *, on_disconnect: Callable[[Any], None],
                  headers: Mapping[str, str] | None = None) -> None:
         super().__init__(content, headers={"cache-control": "no-cache", **(headers or {})})
         self._on_disconnect = on_disconnect
@@ -137,7 +198,7 @@ class _EventStreamResponse(StreamingResponse):
         try:
             await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not task.done():
-                self._on_disconnect()
+                self._on_disconnect(scope)
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await task
@@ -212,6 +273,15 @@ class _State:
         logger.info("guard ready (replica %s, batching %s)", self.replica,
                     "on" if opts.batching else "off")
 
+    def health(self) -> str | None:
+        """Why this replica cannot serve (a failed start, a dead or wedged model thread), or
+        None: ``/readyz`` (with ``ready``) and Ray Serve's ``check_health`` both use it."""
+        if self.load_error is not None:
+            return "the guard failed to start"
+        if self.batcher is None or self.service is None:
+            return None  # still loading: not ready, but not broken
+        return self.batcher.health(wedged_after=3 * self.service.timeout)
+
     async def stop(self) -> None:
         if self.batcher is not None:
             self.batcher.stop()
@@ -231,10 +301,20 @@ class _State:
             if not ok:
                 return _error(401, "a valid API key for this proxy is required",
                               "invalid_request_error", code="invalid_api_key")
-        if needs_guard and not self.ready:
+        if needs_guard and (not self.ready or self.health() is not None):
             self.metrics.fail_closed.labels(reason="not_ready").inc()
-            return self.unavailable("the guard is not ready yet", "guard_not_ready")
+            return self.unavailable("the guard is not ready", "guard_not_ready")
         return None
+
+    def shown(self, verdict: Verdict) -> dict[str, Any]:
+        """The verdict as callers see it (``verdict_detail``, module doc)."""
+        detail = self.options.verdict_detail
+        if detail == "action":
+            return {"action": verdict.action.value, "direction": verdict.direction}
+        out = verdict.to_dict()
+        if detail != "scores":
+            out.pop("scores", None)
+        return out
 
     def unavailable(self, message: str, code: str = "guard_unavailable") -> JSONResponse:
         return _error(503, message, "server_error", code=code,
@@ -266,14 +346,19 @@ class _State:
             return _error(413, f"the request body is over {limit} bytes",
                           "invalid_request_error", code="request_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                return _error(413, f"the request body is over {limit} bytes",
-                              "invalid_request_error", code="request_too_large")
-            chunks.append(chunk)
         try:
-            data = json.loads(b"".join(chunks) or b"null")
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    return _error(413, f"the request body is over {limit} bytes",
+                                  "invalid_request_error", code="request_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:  # the client left mid-upload: 499, never a 500
+            return self.client_left(request)
+        raw = b"".join(chunks) or b"null"
+        try:  # a large body is parsed off the event loop
+            data = json.loads(raw) if size < _PARSE_INLINE else \
+                await asyncio.to_thread(json.loads, raw)
         except (UnicodeDecodeError, json.JSONDecodeError):
             return _error(400, "the request body is not valid JSON", "invalid_request_error",
                           code="invalid_json")
@@ -281,6 +366,18 @@ class _State:
             return _error(400, "the request body must be a JSON object",
                           "invalid_request_error", code="invalid_json")
         return data
+
+    async def forward(self, request: Request, method: str, path: str, route: str, *,
+                      body: Any = None) -> Response:
+        """An unguarded pass-through: the upstream's answer, relayed as it came."""
+        assert self.upstream is not None
+        try:
+            reply = await self.upstream.send(method, path, route,
+                                             headers=self.upstream_headers(request), body=body,
+                                             params=request.query_params)
+        except UpstreamError as exc:
+            return _upstream_error(exc)
+        return _relay(reply)
 
     async def unless_disconnected(self, request: Request,
                                   work: Callable[[], Awaitable[Response]]) -> Response:
@@ -294,11 +391,16 @@ class _State:
             watcher.cancel()
         if task.done():
             return task.result()
-        self.metrics.disconnects.inc()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        return Response(status_code=499)  # nginx's "client closed request": never sent
+        return self.client_left(request)
+
+    def client_left(self, request: Request) -> Response:
+        """The client disconnected: counted once, recorded as 499 (nginx's "client closed
+        request"; never sent) by ``_Observe``, whatever was started."""
+        mark_disconnected(request.scope, self.metrics)
+        return Response(status_code=499)
 
 
 def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: Any = None,
@@ -310,6 +412,7 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
     ``os.environ``)."""
     if guard is None:
         options.require("bundle", "policy")
+    options.check_exposure(environ)  # no open relay on a public address
     state = _State(options, guard, transport, environ)
 
     def service() -> GuardService:
@@ -330,7 +433,15 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
                             body: dict[str, Any]) -> Response:
         svc = service()
         core = svc.core
-        kwargs, messages = api.request(body)
+        problem = api.invalid(body)
+        if problem is not None:  # never guessed at, never sent upstream
+            return _invalid(*problem)
+        try:
+            kwargs, messages = api.request(body)
+        except UnguardedCallError as exc:  # a field the guard does not read holds text
+            return _invalid(exc.param or param, f"{exc.param or 'a parameter'}: a field the "
+                            "guard does not read holds text; it would reach the model "
+                            "unchecked", code="unguarded_parameter")
         verdict = core.note(await svc.check(messages, "input"))
         failed = state.failed_guard(verdict)
         if failed is not None:
@@ -339,7 +450,7 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
             return _error(400, "the prompt was blocked by the guard policy",
                           "invalid_request_error", code="content_filter", param=param,
                           headers={"x-should-retry": "false"},
-                          extra={"verdict": verdict.to_dict()})
+                          extra={"verdict": state.shown(verdict)})
         headers = state.upstream_headers(request)
         path = route[len("/v1"):]
         assert state.upstream is not None
@@ -410,8 +521,8 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
                 await guarded_stream.close()
                 await stream.aclose()
 
-        return _EventStreamResponse(events(), on_disconnect=metrics.disconnects.inc,
-                                    headers=_relay_headers(stream.headers))
+        return _EventStreamResponse(events(), on_disconnect=lambda scope: mark_disconnected(
+            scope, metrics), headers=_relay_headers(stream.headers))
 
     async def chat(request: Request) -> Response:
         return await guarded(request, CHAT, "/v1/chat/completions", "messages")
@@ -426,36 +537,26 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
         denied = state.deny(request, needs_guard=False)
         if denied is not None:
             return denied
-        assert state.upstream is not None
-        route = "/v1/models"
-        path = request.url.path[len("/v1"):]
-        try:
-            reply = await state.upstream.send("GET", path, route,
-                                              headers=state.upstream_headers(request))
-        except UpstreamError as exc:
-            return _upstream_error(exc)
-        return _relay(reply)
+        path = _forward_path("/v1/models" if "model" not in request.path_params else
+                             "/v1/models/{model}", request.path_params)
+        if path is None:
+            return not_found_response()
+        return await state.forward(request, "GET", path, "/v1/models")
 
-    async def passthrough(request: Request) -> Response:
+    async def passthrough(request: Request, template: str) -> Response:
         denied = state.deny(request, needs_guard=False)
         if denied is not None:
             return denied
-        assert state.upstream is not None
-        path = request.url.path
-        path = path[len("/v1"):] if path.startswith("/v1/") else path
+        path = _forward_path(template, request.path_params)
+        if path is None:
+            return not_found_response()
         body = None
         if request.method not in ("GET", "DELETE"):
             parsed = await state.body(request)
             if isinstance(parsed, Response):
                 return parsed
             body = parsed
-        try:
-            reply = await state.upstream.send(request.method, path, "passthrough",
-                                              headers=state.upstream_headers(request),
-                                              body=body, params=request.query_params)
-        except UpstreamError as exc:
-            return _upstream_error(exc)
-        return _relay(reply)
+        return await state.forward(request, request.method, path, "passthrough", body=body)
 
     async def guard_check(request: Request) -> Response:
         denied = state.deny(request)
@@ -475,13 +576,13 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
             messages: Any = [body["text"]]
         else:
             messages = body.get("messages")
-            if not isinstance(messages, list):
-                return _error(400, "messages must be a list of messages (or give text)",
-                              "invalid_request_error", param="messages")
+            problem = _invalid_messages(messages, "messages")
+            if problem is not None:
+                return _invalid(*problem)
 
         async def work() -> Response:
             verdict = await service().check(messages, direction)
-            return state.failed_guard(verdict) or JSONResponse(verdict.to_dict())
+            return state.failed_guard(verdict) or JSONResponse(state.shown(verdict))
 
         return await state.unless_disconnected(request, work)
 
@@ -497,10 +598,12 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
         direction = "output" if body.get("input_type") == "response" else "input"
         texts = body.get("texts") or []
         structured = body.get("structured_messages")
-        if not isinstance(texts, list) or (structured is not None and
-                                           not isinstance(structured, list)):
-            return _error(400, "texts and structured_messages must be lists",
-                          "invalid_request_error")
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            return _invalid("texts", "texts must be an array of strings")
+        if structured is not None:
+            problem = _invalid_messages(structured, "structured_messages")
+            if problem is not None:
+                return _invalid(*problem)
         role = "user" if direction == "input" else "assistant"
         if direction == "input" and structured:
             messages: list[Any] = list(structured)
@@ -517,7 +620,9 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
                 return failed
             if verdict.blocked:
                 return JSONResponse({"action": "BLOCKED",
-                                     "blocked_reason": f"guardmerge: {verdict.summary()}"})
+                                     "blocked_reason": "guardmerge: " + (
+                                         verdict.summary() if options.verdict_detail != "action"
+                                         else "blocked by the guard policy")})
             return JSONResponse({"action": "NONE"})
 
         return await state.unless_disconnected(request, work)
@@ -526,10 +631,13 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        if state.ready:
+        problem = state.health()
+        state.metrics.ready.set(1 if state.ready and problem is None else 0)
+        if state.ready and problem is None:
             return JSONResponse({"status": "ready", "replica": state.replica})
-        status = "failed" if state.load_error else "loading"
-        return JSONResponse({"status": status}, status_code=503,
+        status = "failed" if state.load_error else "unhealthy" if problem else "loading"
+        body = {"status": status, **({"reason": problem} if status == "unhealthy" else {})}
+        return JSONResponse(body, status_code=503,
                             headers={"retry-after": str(options.retry_after)})
 
     async def metrics(request: Request) -> Response:
@@ -538,11 +646,15 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     async def not_found(request: Request, exc: Exception) -> Response:
-        return _error(404, "unknown route: this proxy serves only the routes it guards",
-                      "invalid_request_error", code="not_found")
+        return not_found_response()
 
     async def server_error(request: Request, exc: Exception) -> Response:
-        logger.error("request failed: %s", type(exc).__name__, exc_info=exc)
+        # never exc_info: a third-party error's message (and so its traceback) may hold text
+        logger.error("request failed (%s)", error_detail(exc))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("request failure raised at: %s", " <- ".join(
+                f"{f.filename}:{f.lineno} in {f.name}"
+                for f in reversed(traceback.extract_tb(exc.__traceback__))))
         return _error(500, "internal error in the guard proxy", "server_error")
 
     routes = [
@@ -550,7 +662,7 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/responses", responses, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/models/{model:path}", models, methods=["GET"]),
+        Route("/v1/models/{model}", models, methods=["GET"]),
         Route("/v1/guard/check", guard_check, methods=["POST"]),
         Route("/beta/litellm_basic_guardrail_api", litellm, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
@@ -560,14 +672,12 @@ def create_app(options: ServeOptions, *, guard: Guard | None = None, transport: 
     labels = {chat: "/v1/chat/completions", completions: "/v1/completions",
               responses: "/v1/responses", models: "/v1/models", guard_check: "/v1/guard/check",
               litellm: "/beta/litellm_basic_guardrail_api", healthz: "/healthz",
-              readyz: "/readyz", metrics: "/metrics", passthrough: "passthrough"}
-    taken = {(m, r.path) for r in routes for m in (r.methods or ())}
-    for entry in options.passthrough:
+              readyz: "/readyz", metrics: "/metrics"}
+    for entry in options.passthrough:  # validated by ServeOptions (passthrough_problem)
         method, _, path = entry.partition(" ")
-        if (method, path) in taken:
-            raise ConfigError(f"passthrough: {entry!r} is a guarded route; it cannot be "
-                              "passed through")
-        routes.append(Route(path, passthrough, methods=[method]))
+        endpoint = _bind(passthrough, path)
+        labels[endpoint] = "passthrough"
+        routes.append(Route(path, endpoint, methods=[method]))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -617,7 +727,7 @@ class _Observe:
             await self.app(scope, receive, send_observed)
         finally:
             route = self.labels.get(scope.get("endpoint"), "unmatched")
-            code = str(status[0] or 499)
+            code = "499" if scope.get(_DISCONNECTED) or not status[0] else str(status[0])
             self.state.metrics.requests.labels(route=route, status=code).inc()
             access_logger.info("%s %s %s %.1fms", scope.get("method", "?"), route, code,
                                (time.monotonic() - start) * 1000)

@@ -8,8 +8,9 @@ to ``max_wait`` seconds for more when the batch is not full, and runs them as ON
 (``BundleClassifier.classify_batch``: their windows length-sorted and padded together).
 A check always fits a batch of its own, however long.
 
-The queue is bounded (``max_queue`` checks waiting): a check that finds it full raises
-``GuardOverloaded`` at once. A check whose caller went away (the awaiting task is cancelled:
+The queue is bounded (``max_queue`` checks waiting): a check takes its place (``admit``)
+before its request's texts are read and tokenised, so the bound covers that work too, and a
+check that finds every place taken raises ``GuardOverloaded`` at once. A check whose caller went away (the awaiting task is cancelled:
 a client disconnect, a timeout) is taken out of the queue, and never scored. With
 ``enabled=False`` each check runs alone (one per pass): the baseline the benchmark compares.
 
@@ -30,7 +31,7 @@ from typing import Any, Callable, Sequence
 from ..classifier import Classifier, TextScores
 from ..exceptions import ClassifierError, GuardOverloaded
 
-__all__ = ["Batcher", "BatcherStats", "Work"]
+__all__ = ["Batcher", "BatcherStats", "Ticket", "Work"]
 
 logger = logging.getLogger("guardmerge.serve.batcher")
 
@@ -47,6 +48,22 @@ class Work:
     future: Any = None
     loop: Any = None
     enqueued: float = 0.0
+    ticket: "Ticket | None" = None
+
+
+class Ticket:
+    """A check's place within ``max_queue`` (``Batcher.admit``), from before its texts are
+    read and tokenised until the model thread takes it (or it gives up): ``release()`` once."""
+
+    def __init__(self, batcher: "Batcher") -> None:
+        self._batcher = batcher
+        self.released = False
+
+    def release(self) -> None:
+        with self._batcher._cond:
+            if not self.released:
+                self.released = True
+                self._batcher._waiting -= 1
 
 
 @dataclass
@@ -89,11 +106,13 @@ class Batcher:
         self._pooled = callable(getattr(classifier, "classify_batch", None)) and \
             callable(getattr(classifier, "prepare", None))
         self._queue: deque[Work] = deque()
+        self._waiting = 0  # admitted checks not yet taken by the model thread
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         #: called in the model thread just before each batch runs (tests gate batches here)
         self.before_batch: Callable[[list[Work]], None] | None = None
+        self._busy_since: float | None = None  # when the running batch started (None: idle)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -113,12 +132,37 @@ class Batcher:
             self._thread.join(timeout)
             self._thread = None
 
+    def health(self, wedged_after: float) -> str | None:
+        """None when the model thread is alive and its batch (if any) has run for less than
+        ``wedged_after`` seconds; else why not (``/readyz`` and Ray's ``check_health``)."""
+        thread = self._thread
+        if thread is None or self._stopping:
+            return "the batcher is stopped"
+        if not thread.is_alive():
+            return "the batcher's model thread died"
+        since = self._busy_since
+        if since is not None and time.monotonic() - since > wedged_after:
+            return f"a guard batch has run for over {wedged_after:g} s (the model is wedged)"
+        return None
+
     @property
     def depth(self) -> int:
         """Checks waiting for the model (not counting the batch running now)."""
         return len(self._queue)
 
     # -- the request side --------------------------------------------------------------------
+
+    def admit(self) -> Ticket:
+        """A place for one check within ``max_queue``, taken before its request is read,
+        tokenised and queued (so a flood of large bodies is refused before that work, not
+        after it); ``GuardOverloaded`` at once when every place is taken."""
+        with self._cond:
+            if self._waiting >= self.max_queue:
+                self.stats.refused += 1
+                raise GuardOverloaded(f"the guard is overloaded: {self.max_queue} checks are "
+                                      "already waiting")
+            self._waiting += 1
+        return Ticket(self)
 
     def prepare(self, texts: Sequence[str], max_tokens: int | None = None) -> Work:
         """Tokenise ``texts`` into windows (call it in a worker thread: it is CPU work)."""
@@ -129,18 +173,18 @@ class Batcher:
         longest = max((len(t.split()) + 2 for t in texts), default=2)
         return Work(texts, len(texts), longest, max_tokens, len(texts))
 
-    async def run(self, work: Work) -> list[TextScores]:
-        """Queue ``work`` and wait for its scores. Cancelling the caller drops it."""
+    async def run(self, work: Work, ticket: Ticket | None = None) -> list[TextScores]:
+        """Queue ``work`` and wait for its scores. Cancelling the caller drops it. Without a
+        ``ticket`` (from ``admit``), one is taken here."""
+        if ticket is None:
+            ticket = self.admit()
         loop = asyncio.get_running_loop()
         work.loop = loop
         work.future = loop.create_future()
+        work.ticket = ticket
         with self._cond:
             if self._stopping or self._thread is None:
                 raise ClassifierError("the guard's batcher is not running")
-            if len(self._queue) >= self.max_queue:
-                self.stats.refused += 1
-                raise GuardOverloaded(f"the guard is overloaded: {self.max_queue} checks are "
-                                      "already queued")
             work.enqueued = time.monotonic()
             self._queue.append(work)
             depth = len(self._queue)
@@ -158,6 +202,7 @@ class Batcher:
                 self._queue.remove(work)
             except ValueError:  # already taken by the model thread: its result is ignored
                 return
+            self._free(work)
             self.stats.dropped += 1
             depth = len(self._queue)
         self._observe("dropped", 1)
@@ -179,8 +224,17 @@ class Batcher:
         while self._queue:
             if batch and not self._fits(batch, self._queue[0]):
                 return True
-            batch.append(self._queue.popleft())
+            work = self._queue.popleft()
+            self._free(work)
+            batch.append(work)
         return not self.enabled
+
+    def _free(self, work: Work) -> None:
+        """(Under the lock) ``work`` leaves the waiting checks: its place is given back."""
+        ticket, work.ticket = work.ticket, None
+        if ticket is not None and not ticket.released:
+            ticket.released = True
+            self._waiting -= 1
 
     def _loop(self) -> None:
         while True:
@@ -190,6 +244,8 @@ class Batcher:
                     self._cond.wait()
                 if self._stopping:
                     pending, self._queue = list(self._queue), deque()
+                    for work in pending:
+                        self._free(work)
                     break
                 full = self._take(batch)
                 if self.max_wait > 0 and not full:
@@ -212,18 +268,19 @@ class Batcher:
             self._observe("queue_wait", start - work.enqueued)
         windows = sum(w.windows for w in batch)
         padded = windows * max(w.longest for w in batch)
+        self._busy_since = start
         try:
             if self.before_batch is not None:
                 self.before_batch(batch)
-            results = self._score(batch)
-        except Exception as exc:  # each caller's guard turns it into on_error
-            logger.warning("guard batch of %d checks failed (%s)", len(batch),
-                           type(exc).__name__)
-            error = exc if isinstance(exc, ClassifierError) else \
-                ClassifierError(f"guard model failed: {type(exc).__name__}: {exc}")
-            for work in batch:
-                self._deliver(work, error)
-            return
+            results: list[Any] = self._score(batch)
+        except Exception as exc:  # noqa: BLE001 - one bad check must not fail the others
+            logger.warning("guard batch of %d checks failed (%s)%s", len(batch),
+                           type(exc).__name__, "; scoring them one by one" if
+                           len(batch) > 1 else "")
+            results = [_as_error(exc)] if len(batch) == 1 else \
+                [self._score_alone(work) for work in batch]
+        finally:
+            self._busy_since = None
         seconds = time.monotonic() - start
         stats = self.stats
         stats.batches += 1
@@ -235,6 +292,13 @@ class Batcher:
         self._observe("batch", (len(batch), windows, padded, seconds))
         for work, result in zip(batch, results):
             self._deliver(work, result)
+
+    def _score_alone(self, work: Work) -> Any:
+        """One check of a failed batch, on its own: its scores, or its own error."""
+        try:
+            return self._score([work])[0]
+        except Exception as exc:  # noqa: BLE001 - delivered to that check's caller only
+            return _as_error(exc)
 
     def _score(self, batch: list[Work]) -> list[list[TextScores]]:
         if self._pooled:
@@ -271,6 +335,14 @@ class Batcher:
                 self.observe.batcher(what, value)
             except Exception:  # metrics never break a check
                 logger.exception("metrics observer failed")
+
+
+def _as_error(exc: Exception) -> ClassifierError:
+    """A model failure as the caller's guard sees it (``on_error``); a third-party error by
+    its type only: its message may hold the text."""
+    if isinstance(exc, ClassifierError):
+        return exc
+    return ClassifierError(f"guard model failed ({type(exc).__name__})")
 
 
 def _renumber(scores: Any, index: int) -> Any:

@@ -6,6 +6,8 @@
 replica) and Ray's proxy spreads requests over the replicas, replaces a replica that dies and,
 with ``autoscaling_config``, adds and removes replicas with the load. Replicas are stateless:
 a replica holds nothing a request needs from another (the history cache is only a cache).
+Ray's periodic ``check_health`` runs the check ``/readyz`` makes (``replica_health``): a
+replica whose start failed or whose model thread died or is wedged is replaced.
 ``max_ongoing_requests`` must be large enough for concurrent checks to meet in one batch (Ray's
 default, 5, would cap a batch at 5 requests).
 
@@ -17,10 +19,21 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from ..exceptions import GuardmergeError
 from .app import create_app, load_guard
 from .config import ServeOptions
 
-__all__ = ["build_deployment"]
+__all__ = ["build_deployment", "replica_health"]
+
+
+def replica_health(app: Any) -> None:
+    """Raise ``GuardmergeError`` when the proxy ``app`` (``create_app``'s) cannot serve."""
+    state = getattr(getattr(app, "state", None), "guardmerge", None)
+    if state is None:
+        raise GuardmergeError("the replica has no guard proxy app")
+    problem = state.health()
+    if problem is not None:
+        raise GuardmergeError(f"guard proxy replica unhealthy: {problem}")
 
 
 def build_deployment(options: ServeOptions, *, num_replicas: int | None = None,
@@ -52,5 +65,11 @@ def build_deployment(options: ServeOptions, *, num_replicas: int | None = None,
     @serve.ingress(build_app)
     class GuardProxy:
         """One replica of the guard proxy."""
+
+        def check_health(self) -> None:
+            """Ray Serve calls this periodically; raising marks the replica unhealthy and Ray
+            replaces it: the check ``/readyz`` makes (a failed start, a dead or wedged model
+            thread), while a replica that is still loading counts as healthy."""
+            replica_health(getattr(self, "app", None) or getattr(self, "_asgi_app", None))
 
     return serve.deployment(GuardProxy, **settings).bind()

@@ -48,6 +48,7 @@ def _log_config(level: str) -> dict[str, Any]:
 def run(options: ServeOptions) -> None:
     """Load the guard, then serve ``options`` in the foreground until interrupted."""
     options.require("upstream", "bundle", "policy")
+    options.check_exposure()  # before the model loads: a refused start is quick
     guard = load_guard(options)
     app = create_app(options, guard=guard)
     uvicorn.run(app, host=options.host, port=options.port, log_config=_log_config(

@@ -3,7 +3,8 @@
 ``GuardService.check(messages, direction)`` is ``Guard.check`` split around the model:
 ``Guard.plan`` (read the messages, pick and normalise the texts), the shared history cache
 (``CachedClassifier.lookup``), the batcher's ``prepare`` (tokenise), all in one worker
-thread; then the queue and the pooled forward pass in the batcher's model thread; then
+thread, after the check took its place in the batcher's bounded queue (``admit``: a full
+queue refuses the check before that work); then the queue and the pooled forward pass in the batcher's model thread; then
 ``Guard.decide`` (validate the scores, the policy's verdict). So the verdict is the one the
 client wrapper's ``Guard.check`` gives for the same messages, with the same policy. Any
 failure (a timeout, a full queue, a model error, a malformed or NaN score) is the policy's
@@ -80,15 +81,15 @@ class GuardService:
             try:
                 messages = list(messages)
             except Exception as exc:
-                return self._failed(direction, exc, start)
+                return self._failed(direction, exc)
         try:
             verdict = await asyncio.wait_for(self._check(messages, direction), self.timeout)
         except asyncio.TimeoutError:
             verdict = self._failed(direction, ClassifierError(
-                f"the guard check took longer than its timeout of {self.timeout:g} s"), start,
+                f"the guard check took longer than its timeout of {self.timeout:g} s"),
                 reason="timeout")
         except Exception as exc:  # fail closed on anything the guard does wrong
-            verdict = self._failed(direction, exc, start)
+            verdict = self._failed(direction, exc)
         else:
             if guard_failed(verdict):
                 self._count_failure(verdict, "error")
@@ -96,10 +97,14 @@ class GuardService:
         return verdict
 
     async def _check(self, messages: Any, direction: str) -> Verdict:
-        plan, lookup, work = await asyncio.to_thread(self._before, messages, direction)
-        if plan.verdict is not None or not plan.texts:
-            return self.guard.decide(plan, [])
-        scores = await self.batcher.run(work) if work is not None else []
+        ticket = self.batcher.admit()  # GuardOverloaded before any work: fail closed at once
+        try:
+            plan, lookup, work = await asyncio.to_thread(self._before, messages, direction)
+            if plan.verdict is not None or not plan.texts:
+                return self.guard.decide(plan, [])
+            scores = await self.batcher.run(work, ticket) if work is not None else []
+        finally:
+            ticket.release()  # (a no-op once the model thread took the check)
         if lookup is not None:
             if work is not None:
                 try:
@@ -109,7 +114,7 @@ class GuardService:
             scores = lookup.results()
         return self.guard.decide(plan, scores)
 
-    def _failed(self, direction: str, exc: BaseException, start: float,
+    def _failed(self, direction: str, exc: BaseException,
                 reason: str | None = None) -> Verdict:
         verdict = self.guard.failed(direction, exc)
         self._count_failure(verdict, reason or _reason(exc))

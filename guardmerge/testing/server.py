@@ -16,7 +16,8 @@ Routes, each as JSON or (``stream: true``) as server-sent events over chunked HT
 "0.1"}}``, ``{"status": 500}``, ``{"delay": 2.0}``, ``{"malformed": True}``,
 ``{"drop_after": 2}`` (stream: close the socket after two chunks), ``{"reply": "..."}``,
 ``{"tool_call": {"name": "f", "arguments": "{...}"}}`` (chat: the answer is that tool call,
-streamed as argument deltas). ``requests`` records every request body, ``paths`` its path,
+streamed as argument deltas), ``{"body": {...}}`` (this JSON answer, exactly) and
+``{"events": [{...}, ...]}`` (these payloads as server-sent events, then ``[DONE]``). ``requests`` records every request body, ``paths`` its path,
 ``headers`` its headers (lower-case names). ``disconnected`` is set (and ``disconnects``
 counted) when a client goes away in the middle of a streamed answer. Only the loopback
 address is ever bound.
@@ -105,6 +106,16 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if fault.get("malformed"):
             self._send_json(200, None, raw=b'{"id": "x", "choices": [ {oops')
+            return
+        if "body" in fault:  # this JSON answer, exactly
+            self._send_json(200, fault["body"])
+            return
+        if "events" in fault:  # these payloads as server-sent events, then [DONE]
+            self._begin_events()
+            for payload in fault["events"]:
+                self._emit(json.dumps(payload))
+            self._emit("[DONE]")
+            self._end_events()
             return
         messages = _as_messages(route, body)
         n = max(1, int(body.get("n") or 1)) if route != "/responses" else 1
