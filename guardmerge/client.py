@@ -253,33 +253,35 @@ class GuardedStream:
 class AsyncGuardedStream:
     """A guarded async stream: ``async for``, ``await close()``, or ``async with``."""
 
-    def __init__(self, upstream: Any, core: _Core, api: API) -> None:
+    def __init__(self, upstream: Any, core: _Core, api: API, *, grouped: bool = False) -> None:
         self._upstream = upstream
         self._core = core
         self._machine = core.machine(api)
-        self._iter = self._run()
+        #: ``grouped``: yield lists, each the items released together (the proxy writes each
+        #: list in one send: held-back events released by a check leave in one TCP write)
+        self._iter = self._run(grouped)
         self.response = _StreamCloser(self)
 
     @property
     def verdict(self) -> Verdict | None:
         return self._machine.verdict
 
-    async def _run(self) -> AsyncIterator[Any]:
+    async def _run(self, grouped: bool) -> AsyncIterator[Any]:
         machine = self._machine
         try:
             async for item in self._upstream:
                 machine.feed(item)
-                async for out in self._drain():
+                async for out in self._drain(grouped):
                     yield out
                 if machine.stopped:
                     return
             machine.finish()
-            async for out in self._drain():
+            async for out in self._drain(grouped):
                 yield out
         finally:
             await self._close_upstream()
 
-    async def _drain(self) -> AsyncIterator[Any]:
+    async def _drain(self, grouped: bool = False) -> AsyncIterator[Any]:
         machine, core = self._machine, self._core
         while True:
             event = machine.next_event()
@@ -290,14 +292,21 @@ class AsyncGuardedStream:
                     result = exc
                 core.note(machine.checked_result(result))
             elif isinstance(event, Emit):
-                for item in event.items:
-                    yield item
+                if grouped:
+                    if event.items:
+                        yield list(event.items)
+                else:
+                    for item in event.items:
+                        yield item
             elif isinstance(event, Blocked):
                 await self._close_upstream()
                 if core.on_block == "raise" or not event.tail:
                     raise ResponseBlockedError(event.verdict)
-                for item in event.tail:
-                    yield item
+                if grouped:
+                    yield list(event.tail)
+                else:
+                    for item in event.tail:
+                        yield item
                 return
             else:
                 assert event in (NEED_DATA, DONE)

@@ -3,7 +3,9 @@
 ``GuardService.check(messages, direction)`` is ``Guard.check`` split around the model:
 ``Guard.plan`` (read the messages, pick and normalise the texts), the shared history cache
 (``CachedClassifier.lookup``), the batcher's ``prepare`` (tokenise), all in one worker
-thread, after the check took its place in the batcher's bounded queue (``admit``: a full
+thread (or, for messages of at most ``INLINE_CHARS`` characters of text in at most
+``INLINE_ITEMS`` values, inline on the event loop: ~0.07 ms for a 24-word prompt here, less
+than the hand-off to a thread and back, ~0.1 ms busy and ~0.26 ms after an idle wait), after the check took its place in the batcher's bounded queue (``admit``: a full
 queue refuses the check before that work); then the queue and the pooled forward pass in the batcher's model thread; then
 ``Guard.decide`` (validate the scores, the policy's verdict). So the verdict is the one the
 client wrapper's ``Guard.check`` gives for the same messages, with the same policy. Any
@@ -31,12 +33,40 @@ from .batcher import Batcher
 
 __all__ = ["GuardService", "guard_failed"]
 
+#: messages this small are planned and tokenised on the event loop (see the module doc);
+#: normalising and tokenising cost ~0.3 ms per 1,000 characters on the benchmark machine
+INLINE_CHARS = 1024
+INLINE_ITEMS = 64
+
 logger = logging.getLogger("guardmerge.serve.guard")
 
 
 def guard_failed(verdict: Verdict) -> bool:
     """True when the verdict is the policy's ``on_error`` for a guard that failed."""
     return any(f.kind == "error" for f in verdict.findings)
+
+
+def _small(messages: Any) -> bool:
+    """True when ``messages`` holds at most ``INLINE_CHARS`` characters of strings in at most
+    ``INLINE_ITEMS`` values (dicts, lists and strings; anything else: False). Stops early."""
+    chars, items = 0, 0
+    todo = [messages]
+    while todo:
+        value = todo.pop()
+        items += 1
+        if items > INLINE_ITEMS:
+            return False
+        if isinstance(value, str):
+            chars += len(value)
+            if chars > INLINE_CHARS:
+                return False
+        elif isinstance(value, dict):
+            todo.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            todo.extend(value)
+        elif value is not None and not isinstance(value, (bool, int, float)):
+            return False  # an SDK object or an iterable: its size is not known cheaply
+    return True
 
 
 def _reason(exc: BaseException) -> str:
@@ -99,7 +129,10 @@ class GuardService:
     async def _check(self, messages: Any, direction: str) -> Verdict:
         ticket = self.batcher.admit()  # GuardOverloaded before any work: fail closed at once
         try:
-            plan, lookup, work = await asyncio.to_thread(self._before, messages, direction)
+            if _small(messages):
+                plan, lookup, work = self._before(messages, direction)
+            else:
+                plan, lookup, work = await asyncio.to_thread(self._before, messages, direction)
             if plan.verdict is not None or not plan.texts:
                 return self.guard.decide(plan, [])
             scores = await self.batcher.run(work, ticket) if work is not None else []
