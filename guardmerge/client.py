@@ -281,7 +281,7 @@ class AsyncGuardedStream:
         finally:
             await self._close_upstream()
 
-    async def _drain(self, grouped: bool = False) -> AsyncIterator[Any]:
+    async def _drain(self, grouped: bool) -> AsyncIterator[Any]:
         machine, core = self._machine, self._core
         while True:
             event = machine.next_event()

@@ -5,8 +5,10 @@
 (``CachedClassifier.lookup``), the batcher's ``prepare`` (tokenise), all in one worker
 thread (or, for messages of at most ``INLINE_CHARS`` characters of text in at most
 ``INLINE_ITEMS`` values, inline on the event loop: ~0.07 ms for a 24-word prompt here, less
-than the hand-off to a thread and back, ~0.1 ms busy and ~0.26 ms after an idle wait), after the check took its place in the batcher's bounded queue (``admit``: a full
-queue refuses the check before that work); then the queue and the pooled forward pass in the batcher's model thread; then
+than the hand-off to a thread and back, ~0.1 ms busy and ~0.26 ms after an idle wait),
+after the check took its place in the batcher's bounded queue (``admit``: a full queue
+refuses the check before that work); then the queue and the pooled forward pass in the
+batcher's model thread; then
 ``Guard.decide`` (validate the scores, the policy's verdict). So the verdict is the one the
 client wrapper's ``Guard.check`` gives for the same messages, with the same policy. Any
 failure (a timeout, a full queue, a model error, a malformed or NaN score) is the policy's

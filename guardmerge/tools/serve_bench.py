@@ -11,8 +11,9 @@ latency, throughput, and for the proxy the latency it adds over direct (p50 and 
 differences), the guard's model time per request and the mean batch size. The summary splits
 the concurrency-1 latency the proxy adds into the model's time, the bare hop's and the rest
 (the guard's own work outside the model: reading the messages, normalising, tokenising, the
-hand-off to the model thread and back, the policy). Every answer must carry its own prompt's id and the upstream must see every id
-exactly once: a request lost or answered twice is reported.
+hand-off to the model thread and back, the policy). Every answer must carry its own prompt's
+id and the upstream must see every id exactly once: a request lost or answered twice is
+reported.
 """
 
 from __future__ import annotations
@@ -257,21 +258,18 @@ def run(*, bundle: str | None = None, layers: int = 12, hidden: int = 768,
                         row["windows_per_batch"] = (stats.windows - before[2]) / max(1, batches)
                         row["model_ms_per_request"] = 1000 * (state.metrics.value(
                             "guardmerge_model_seconds_sum") - before[3]) / n
-                        row["added_p50_ms"] = row["p50_ms"] - direct["p50_ms"]
-                        row["added_p99_ms"] = row["p99_ms"] - direct["p99_ms"]
-                    elif mode == "direct":
+                    if mode == "direct":
                         direct = row
                     else:
                         row["added_p50_ms"] = row["p50_ms"] - direct["p50_ms"]
                         row["added_p99_ms"] = row["p99_ms"] - direct["p99_ms"]
                     results["cells"].append(row)
-                    extra = (f"{row['added_p50_ms']:>8.1f} {row['added_p99_ms']:>8.1f} "
-                             f"{row['model_ms_per_request']:>8.1f} "
+                    added = f"{row['added_p50_ms']:>8.1f} {row['added_p99_ms']:>8.1f}" \
+                        if direct is not row else f"{'':>8} {'':>8}"
+                    guard = (f"{row['model_ms_per_request']:>8.1f} "
                              f"{row['checks_per_batch']:>8.2f} {row['windows_per_batch']:>6.2f}"
-                             ) if state else (
-                        f"{row['added_p50_ms']:>8.1f} {row['added_p99_ms']:>8.1f} "
-                        f"{'':>8} {'':>8} {'':>6}") if mode == "pass-through" else \
-                        f"{'':>8} {'':>8} {'':>8} {'':>8} {'':>6}"
+                             ) if state else f"{'':>8} {'':>8} {'':>6}"
+                    extra = f"{added} {guard}"
                     ok = "yes" if not lost and not twice else f"{lost}L/{twice}T"
                     print(f"{mode:<12} {c:>4} {'yes' if stream else 'no':>6} {n:>4} "
                           f"{row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} "
