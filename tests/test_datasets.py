@@ -114,7 +114,8 @@ def test_build_guards_tiny_end_to_end(tmp_path, tokenizer):
     base, _ = build_base_folder(tmp_path / "base", tokenizer=tokenizer)
     lines = []
     kw = dict(base=base, heads=_tiny_heads(), epochs={"jb": 1, "tox": 1}, search_trials=2,
-              distill_epochs=1, refit_texts=20, extra_texts=["some more unlabelled text"],
+              distill_epochs=1, label_distill=(1, 5e-5, 2.0), refit_texts=20,
+              extra_texts=["some more unlabelled text"],
               progress=False, log=lines.append)
     summary = build_guards(tmp_path / "guards", **kw)
     info = inspect_bundle(summary["bundle"])
@@ -122,7 +123,7 @@ def test_build_guards_tiny_end_to_end(tmp_path, tokenizer):
     start = max(("ties 0.5 + refit", "regmean 0.9 + refit"), key=summary["validation"].get)
     expected = {"task arithmetic (owner heads)", "ties 0.5 (owner heads)", "dare_ties 0.5",
                 "ties 0.5 + refit", "regmean 0.9 + refit", f"{start} + distill (1 epochs)",
-                "dare_ties search (2 trials)"}
+                f"{start} + distill with labels (1 epochs)", "dare_ties search (2 trials)"}
     assert set(summary["tables"]) == expected == set(summary["build_seconds"])
     assert summary["chosen"] == max(summary["validation"], key=summary["validation"].get)
     row = summary["tables"]["regmean 0.9 + refit"][0]
@@ -131,7 +132,12 @@ def test_build_guards_tiny_end_to_end(tmp_path, tokenizer):
     assert 0.0 <= row["original_f1"] <= 1.0 and 0.0 <= row["merged_f1"] <= 1.0
     distilled = Path(summary["bundles"][f"{start} + distill (1 epochs)"])
     record = json.loads((distilled / "guardmerge.json").read_text())["distillation"]
-    assert record["texts"]["texts"] == len({t for h in _tiny_heads().values() for t, _ in h.train}) + 1
+    train_texts = {t for h in _tiny_heads().values() for t, _ in h.train}
+    assert record["texts"]["texts"] == len(train_texts) + 1 and "labelled" not in record["texts"]
+    with_labels = Path(summary["bundles"][f"{start} + distill with labels (1 epochs)"])
+    record = json.loads((with_labels / "guardmerge.json").read_text())["distillation"]
+    assert record["options"]["label_weight"] == 2.0
+    assert record["texts"]["labelled"] == len(train_texts)  # the extra text has no label
     refit = json.loads((Path(summary["bundles"]["ties 0.5 + refit"]) / "guardmerge.json").read_text())
     assert refit["refit"]["texts"] == 20
     t = summary["timing"]

@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from guardmerge import DataError, RecipeError
+from guardmerge import ConfigError, DataError, RecipeError
 from guardmerge.cli import main
 from guardmerge.merge import (EvalReport, HeadReport, MergeRecipe, collapse_warnings, distill,
                               merge, mergeability, metrics)
+from guardmerge.labels import MULTI_LABEL, Head
 from guardmerge.merge.activations import load_model, logits
 from guardmerge.merge.calibration import load_calibration
 from guardmerge.merge.regmean import regmean
@@ -294,6 +295,100 @@ def test_distill_refuses_a_changed_source_and_an_existing_output(family, tmp_pat
                  "--source", f"a={family['a']}", "--no-progress"]) == 2  # exists
     assert main(["distill", str(merged), "--texts", str(texts), "-o", str(tmp_path / "p"),
                  "--source", "nohead=x"]) == 2
+
+
+def _label_ce(bundle: Path, rows: list[dict]) -> float:
+    """Mean cross-entropy of the bundle's heads on labelled rows (family heads a, b)."""
+    model, tok = load_model(bundle)
+    z = logits(model, tok, [r["text"] for r in rows])
+    parts = {"a": (slice(0, 2), ["x", "y"]), "b": (slice(2, 5), ["p", "q", "r"])}
+    ce = [torch.nn.functional.cross_entropy(z[i:i + 1, parts[r["head"]][0]],
+                                            torch.tensor([parts[r["head"]][1].index(r["label"])]))
+          for i, r in enumerate(rows)]
+    return float(torch.stack(ce).mean())
+
+
+def test_distillation_with_labels_fits_them_and_without_ignores_them(family, tmp_path):
+    merged = merge(_recipe(family, head_mode="owner"), tmp_path / "merged", progress=False)
+    # labels no source predicts (the text's first word decides), plus unlabelled rows
+    marker = {"x": "bread", "y": "attack", "p": "poem", "q": "tree", "r": "travel"}
+    rows = []
+    for i in range(60):
+        head = "a" if i % 2 else "b"
+        label = ["x", "y"][i // 2 % 2] if head == "a" else ["p", "q", "r"][i // 2 % 3]
+        rows.append({"text": f"{marker[label]} {random_text(10, seed=700 + i)}", "head": head,
+                     "label": label})
+    unlabelled = [{"text": random_text(12, seed=900 + i)} for i in range(20)]
+    labelled_file = tmp_path / "labelled.jsonl"
+    labelled_file.write_text("".join(json.dumps(r) + "\n" for r in rows + unlabelled))
+    plain_file = tmp_path / "plain.jsonl"
+    plain_file.write_text("".join(json.dumps({"text": r["text"], "head": r["head"]}) + "\n"
+                                  for r in rows) +
+                          "".join(json.dumps(r) + "\n" for r in unlabelled))
+    kw = dict(epochs=16, lr=2e-3, batch_size=16, max_length=32, dtype="float32",
+              cache=str(tmp_path / "cache"), progress=False)
+    short = {**kw, "steps": 3}
+    assert _sha(distill(merged, [labelled_file], tmp_path / "p3", **short)) == \
+        _sha(distill(merged, [plain_file], tmp_path / "s3", **short))  # weight 0: labels unused
+    pure = distill(merged, [labelled_file], tmp_path / "pure", **kw)
+    supervised = distill(merged, [labelled_file], tmp_path / "sup", label_weight=5.0, **kw)
+    assert _label_ce(supervised, rows) < 0.6 * _label_ce(pure, rows)
+    record = json.loads((supervised / "guardmerge.json").read_text())["distillation"]
+    assert record["options"]["label_weight"] == 5.0
+    assert record["texts"]["labelled"] == 60 and len(record["texts"]["labels_sha256"]) == 64
+    first, last = record["mean_ce_first_epoch"], record["mean_ce_last_epoch"]
+    assert set(first) == {"a", "b"} and all(last[h] < first[h] for h in first)
+    assert "labelled" not in json.loads((pure / "guardmerge.json").read_text())["distillation"]["texts"]
+    # no label anywhere: asking for the supervised term is an error, not a silent no-op
+    with pytest.raises(ConfigError, match="no text .* has a label"):
+        distill(merged, [plain_file], tmp_path / "none", label_weight=1.0, **kw)
+
+
+def test_distillation_label_rows_are_checked_with_file_and_line(tmp_path):
+    heads = [Head("tox", ("ok", "bad")), Head("topics", ("a", "b", "c"), offset=2,
+                                                 kind=MULTI_LABEL)]
+    f = tmp_path / "t.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"text": "one", "head": "tox", "label": "bad"},
+        {"text": "two", "label": "bad"},                              # no head
+        {"text": "three", "head": "tox", "label": "worse"},           # not a label of tox
+        {"text": "four", "head": "tox", "label": ["ok"]},             # a list, single-label
+        {"text": "one", "head": "tox", "label": "ok"},                # disagrees with line 1
+        {"text": "five", "head": "topics", "label": ["a"]},
+        {"text": "five", "head": "topics", "label": "c"},             # merged with line 6
+        {"text": "six", "head": "topics", "label": []},               # none of its labels
+    ]) + "\n")
+    with pytest.raises(DataError) as err:
+        load_calibration(f, labels=heads)
+    msg = str(err.value)
+    for where, what in ((2, "needs the row's head"), (3, "has no label 'worse'"),
+                        (4, "single-label"), (5, f"{f}:1 labels the same text 'bad'")):
+        assert f"{f}:{where}: " in msg and what in msg, (where, msg)
+    assert f"{f}:6" not in msg and f"{f}:7" not in msg and f"{f}:8" not in msg
+    # the good rows alone; labels are ignored where not asked for
+    lines = f.read_text().splitlines()
+    f.write_text("\n".join(lines[i] for i in (0, 5, 6, 7)) + "\n")
+    cal = load_calibration(f, labels=heads)
+    got = dict(zip(cal.texts, cal.labels))
+    assert got == {"one": {"tox": "bad"}, "five": {"topics": ("a", "c")}, "six": {"topics": ()}}
+    assert cal.labelled == 3 and load_calibration(f).labels == ()
+    # the targets distillation trains on, and its cross-entropy, by hand
+    from guardmerge.merge.distillation import _label_targets, _supervised
+
+    targets = _label_targets(heads, cal.labels)
+    order = list(cal.texts)
+    y, mask = targets["topics"]
+    assert mask.tolist() == [t != "one" for t in order]
+    assert y[order.index("five")].tolist() == [1.0, 0.0, 1.0] and y[order.index("six")].sum() == 0
+    z = torch.tensor([[0.5, -0.5, 1.0, -1.0, 2.0]] * 3)
+    total, parts = _supervised(z, [0, 1, 2], {h.name: h for h in heads}, targets)
+    ce_tox = torch.log1p(torch.exp(torch.tensor(1.0)))  # -log softmax([0.5, -0.5])[1]
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    topic_sum = sum(float(bce(z[0, 2:], y[order.index(t)], reduction="sum"))
+                    for t in ("five", "six"))
+    assert parts["tox"][1] == 1 and parts["tox"][0] == pytest.approx(float(ce_tox), rel=1e-5)
+    assert parts["topics"] == (pytest.approx(topic_sum, rel=1e-5), 2)
+    assert float(total) == pytest.approx(float(ce_tox) + topic_sum, rel=1e-5)
 
 
 # -- the mergeability report and the collapse warning ----------------------------------------

@@ -9,6 +9,16 @@ bundle is trained so that each head's softmax matches its teacher's:
 
 (for a multi-label head, each label's Bernoulli KL between the sigmoids, summed over labels).
 
+Where the texts carry labels (rows naming a head and a label, as ``eval``'s data does) and
+``label_weight`` is above 0, a supervised term is added:
+
+    loss += label_weight * (sum over labelled (text, head) pairs in the batch of
+                            CE(label, softmax(z_student_head))) / (number of such pairs)
+
+(a multi-label head's pair: the binary cross-entropy summed over its labels). The teachers
+still score every text. With labels the student learns from the data its sources learnt from
+as well as from the sources; without them (the default) it learns from the sources only.
+
 Teacher logits are computed once per (source hash, texts hash) and cached (``statistics``), so
 every epoch, and a re-run, reuses them. The result is a bundle of the same format (same heads,
 labels, sources and recipe in the manifest, plus a ``distillation`` record); the runtime loads
@@ -123,7 +133,11 @@ def distill(bundle: str | os.PathLike[str], texts: Sequence[str | os.PathLike[st
     its fields as keywords. Returns the output path."""
     opts = replace(options or DistillOptions(), **overrides)
     info = inspect_bundle(bundle)
-    data = load_calibration(texts, limit=opts.limit, heads=[h.name for h in info.heads])
+    data = load_calibration(texts, limit=opts.limit, heads=[h.name for h in info.heads],
+                            labels=info.heads if opts.label_weight else None)
+    if opts.label_weight and not data.labelled:
+        raise ConfigError(f"label_weight is {opts.label_weight:g} but no text in "
+                          f"{', '.join(data.files)} has a label (rows need a head and a label)")
     corpus = list(data.texts)
     teachers = teachers_for(info.heads, sources)
     cache = cache_dir(opts.cache)
@@ -141,7 +155,8 @@ def distill(bundle: str | os.PathLike[str], texts: Sequence[str | os.PathLike[st
                                       f"bundle's {mine.name!r} is {mine.kind}")
                 targets.append((mine, probs[theirs.name]))
         model, tokenizer = load_model(info.path)  # trained in float32 (autocast computes)
-        report = _train(model, tokenizer, corpus, targets, opts)
+        report = _train(model, tokenizer, corpus, targets, opts,
+                        _label_targets(info.heads, data.labels) if opts.label_weight else {})
         stored = {d for d in info.weight_dtypes if d in FLOAT_DTYPES}
         if len(stored) == 1:  # written back in the bundle's own float dtype (a bf16 stays bf16)
             model.to(ST_TO_DTYPE[stored.pop()])
@@ -177,10 +192,61 @@ def _epoch_batches(lengths: list[int], batch_size: int, gen: torch.Generator,
     return [out[i] for i in torch.randperm(len(out), generator=gen).tolist()]
 
 
+def _label_targets(heads: Sequence[Head], labels: Sequence[Mapping[str, Any]]
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per head with at least one label: (targets, mask) over the texts. A single-label head's
+    targets are class indices; a multi-label head's a 0 / 1 matrix. ``mask``: labelled texts."""
+    out = {}
+    for h in heads:
+        mask = torch.tensor([h.name in lab for lab in labels], dtype=torch.bool)
+        if not mask.any():
+            continue
+        if h.multi_label:
+            y = torch.zeros(len(labels), h.size)
+            for i, lab in enumerate(labels):
+                for name in lab.get(h.name, ()):
+                    y[i, h.labels.index(name)] = 1.0
+        else:
+            y = torch.tensor([h.labels.index(lab[h.name]) if h.name in lab else 0
+                              for lab in labels], dtype=torch.long)
+        out[h.name] = (y, mask)
+    return out
+
+
+def _supervised(logits: torch.Tensor, idx: list[int], heads: Mapping[str, Head],
+                labelled: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+                ) -> tuple[torch.Tensor, dict[str, tuple[float, int]]]:
+    """The batch's cross-entropy summed over its labelled (text, head) pairs, and per head
+    (its sum, its pairs), for the running means."""
+    total = torch.zeros(())
+    parts = {}
+    rows = torch.tensor(idx)
+    for name, (y, mask) in labelled.items():
+        keep = mask[rows]
+        if not keep.any():
+            continue
+        h = heads[name]
+        z = logits[keep][:, h.offset:h.stop]
+        target = y[rows][keep]
+        if h.multi_label:
+            ce = torch.nn.functional.binary_cross_entropy_with_logits(z, target, reduction="sum")
+        else:
+            ce = torch.nn.functional.cross_entropy(z, target, reduction="sum")
+        total = total + ce
+        parts[name] = (float(ce.detach()), int(keep.sum()))
+    return total, parts
+
+
 def _train(model: Any, tokenizer: Any, texts: list[str],
-           targets: list[tuple[Head, torch.Tensor]], opts: DistillOptions) -> dict[str, Any]:
+           targets: list[tuple[Head, torch.Tensor]], opts: DistillOptions,
+           labelled: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+           ) -> dict[str, Any]:
     """The training loop; returns what the manifest records: steps, seconds, and per head the
-    mean KL to its teacher during the first and the last epoch (running means while training)."""
+    mean KL to its teacher during the first and the last epoch (running means while training),
+    and with labels (``labelled``: from ``_label_targets``) the mean cross-entropy per labelled
+    pair likewise."""
+    labelled = labelled or {}
+    by_name = {h.name: h for h, _ in targets}
     n = len(texts)
     per_epoch = math.ceil(n / opts.batch_size)
     total = min(opts.steps, per_epoch * opts.epochs) if opts.steps else per_epoch * opts.epochs
@@ -192,7 +258,10 @@ def _train(model: Any, tokenizer: Any, texts: list[str],
     amp = None if amp == torch.float32 else amp  # autocast's compute dtype; weights stay fp32
     t2 = opts.temperature ** 2
     kl_sum = {h.name: 0.0 for h, _ in targets}
+    ce_sum = {name: [0.0, 0] for name in labelled}
     first: dict[str, float] | None = None
+    first_ce: dict[str, float] | None = None
+    epoch_ce: dict[str, float] = {}
     seen = 0
     step = 0
     start = time.perf_counter()
@@ -211,12 +280,21 @@ def _train(model: Any, tokenizer: Any, texts: list[str],
                                       max_length=opts.max_length, batch_size=len(idx)))
                 with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
                     logits = model(**enc).logits
-                logits = logits.float() / opts.temperature
+                logits = logits.float()
+                scaled = logits / opts.temperature
                 loss = torch.zeros(())
                 for h, probs in targets:
-                    kl = divergence(probs[idx], logits[:, h.offset:h.stop], h.multi_label)
+                    kl = divergence(probs[idx], scaled[:, h.offset:h.stop], h.multi_label)
                     kl_sum[h.name] += float(kl.detach()) * len(idx)
                     loss = loss + t2 * kl
+                if labelled:
+                    ce, parts = _supervised(logits, idx, by_name, labelled)
+                    pairs = sum(n for _, n in parts.values())
+                    if pairs:
+                        loss = loss + opts.label_weight * ce / pairs
+                    for name, (value, n) in parts.items():
+                        ce_sum[name][0] += value
+                        ce_sum[name][1] += n
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
@@ -227,10 +305,16 @@ def _train(model: Any, tokenizer: Any, texts: list[str],
                 bar.update(1)
                 bar.set_postfix_str(f"loss {float(loss.detach()):.4f}", refresh=False)
             epoch_kl = {k: v / max(1, seen) for k, v in kl_sum.items()}
+            epoch_ce = {k: v / n for k, (v, n) in ce_sum.items() if n}
             if first is None:
-                first = epoch_kl
+                first, first_ce = epoch_kl, epoch_ce
             kl_sum = {k: 0.0 for k in kl_sum}
+            ce_sum = {k: [0.0, 0] for k in ce_sum}
             seen = 0
-    return {"steps": total, "seconds": round(time.perf_counter() - start, 1),
-            "mean_kl_first_epoch": {k: round(v, 6) for k, v in (first or {}).items()},
-            "mean_kl_last_epoch": {k: round(v, 6) for k, v in epoch_kl.items()}}
+    out = {"steps": total, "seconds": round(time.perf_counter() - start, 1),
+           "mean_kl_first_epoch": {k: round(v, 6) for k, v in (first or {}).items()},
+           "mean_kl_last_epoch": {k: round(v, 6) for k, v in epoch_kl.items()}}
+    if labelled:
+        out["mean_ce_first_epoch"] = {k: round(v, 6) for k, v in (first_ce or {}).items()}
+        out["mean_ce_last_epoch"] = {k: round(v, 6) for k, v in epoch_ce.items()}
+    return out

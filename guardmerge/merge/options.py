@@ -133,6 +133,9 @@ class DistillOptions:
     batch_size: int = option(32, "texts per optimiser step")
     max_length: int = option(128, "tokens per text (longer texts are cut)")
     temperature: float = option(1.0, "distillation temperature T")
+    label_weight: float = option(0.0, "weight of a cross-entropy term on the texts whose row "
+                                 "names a head and a label (0: labels ignored, pure "
+                                 "distillation)")
     limit: int | None = option(None, "use at most this many texts (a hash-spread sample; "
                                "default: all)")
     seed: int = option(0, "shuffling seed")
@@ -158,6 +161,8 @@ class DistillOptions:
             raise ConfigError(f"warmup: must be in [0, 1), got {self.warmup}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
+        if not (self.label_weight >= 0 and math.isfinite(self.label_weight)):
+            raise ConfigError(f"label_weight: must be a number >= 0, got {self.label_weight}")
         if self.max_length < 3:
             raise ConfigError(f"max_length: must be >= 3, got {self.max_length}")
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
