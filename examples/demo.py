@@ -4,9 +4,9 @@
 
 1. Builds (or reuses, from .guardmerge-cache/guards) three real guard heads fine-tuned from the
    packaged all-MiniLM-L6-v2 encoder on packaged labelled text (jailbreak, toxicity, sentiment),
-   HM3-merges them (plain merges, head re-fit, RegMean + re-fit, then a distillation of the best
-   training-free one, all on unlabelled text), and keeps the one that does best on the
-   validation split.
+   HM3-merges them (plain merges, head re-fit, RegMean + re-fit, all on unlabelled text; then
+   two distillations of the best training-free one: on unlabelled text, and with the training
+   split's labels as well), and keeps the one that does best on the validation split.
 2. Starts a small OpenAI-compatible LLM stand-in on 127.0.0.1 (it echoes what it is asked).
 3. Sends prompts through the real `openai` client wrapped by guardmerge, with
    policies/default.yaml, and prints pass / flag / block with the scores and the spans that

@@ -83,7 +83,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        "unlabelled texts (multi-teacher distillation)")
     d.add_argument("bundle", help="merged bundle (its manifest names the sources)")
     d.add_argument("--texts", nargs="+", required=True, metavar="FILE",
-                   help="unlabelled texts: JSONL (text, optional head), CSV or plain lines")
+                   help="texts: JSONL (text, optional head; a label too for "
+                   "--label-weight), CSV or plain lines")
     d.add_argument("-o", "--output", required=True, help="bundle folder to write")
     d.add_argument("--source", action="append", default=[], metavar="HEAD=DIR",
                    help="teacher of HEAD instead of the manifest's source (repeatable)")

@@ -342,6 +342,13 @@ def test_distillation_with_labels_fits_them_and_without_ignores_them(family, tmp
     # no label anywhere: asking for the supervised term is an error, not a silent no-op
     with pytest.raises(ConfigError, match="no text .* has a label"):
         distill(merged, [plain_file], tmp_path / "none", label_weight=1.0, **kw)
+    assert main(["distill", str(merged), "--texts", str(plain_file), "-o", str(tmp_path / "n"),
+                 "--label-weight", "1", "--no-progress"]) == 2  # the CLI: a usage error
+    assert main(["distill", str(merged), "--texts", str(labelled_file), "-o",
+                 str(tmp_path / "c"), "--label-weight", "1", "--steps", "1", "--max-length", "16",
+                 "--no-progress", "--cache", str(tmp_path / "cache")]) == 0
+    record = json.loads((tmp_path / "c" / "guardmerge.json").read_text())["distillation"]
+    assert record["options"]["label_weight"] == 1.0 and record["texts"]["labelled"] == 60
 
 
 def test_distillation_label_rows_are_checked_with_file_and_line(tmp_path):
