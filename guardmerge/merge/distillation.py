@@ -289,12 +289,12 @@ def _train(model: Any, tokenizer: Any, texts: list[str],
                     loss = loss + t2 * kl
                 if labelled:
                     ce, parts = _supervised(logits, idx, by_name, labelled)
-                    pairs = sum(n for _, n in parts.values())
+                    pairs = sum(count for _, count in parts.values())
                     if pairs:
                         loss = loss + opts.label_weight * ce / pairs
-                    for name, (value, n) in parts.items():
+                    for name, (value, count) in parts.items():
                         ce_sum[name][0] += value
-                        ce_sum[name][1] += n
+                        ce_sum[name][1] += count
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
@@ -305,7 +305,7 @@ def _train(model: Any, tokenizer: Any, texts: list[str],
                 bar.update(1)
                 bar.set_postfix_str(f"loss {float(loss.detach()):.4f}", refresh=False)
             epoch_kl = {k: v / max(1, seen) for k, v in kl_sum.items()}
-            epoch_ce = {k: v / n for k, (v, n) in ce_sum.items() if n}
+            epoch_ce = {k: v / count for k, (v, count) in ce_sum.items() if count}
             if first is None:
                 first, first_ce = epoch_kl, epoch_ce
             kl_sum = {k: 0.0 for k in kl_sum}

@@ -76,6 +76,18 @@ def _upstream_app(latency: float, seen: collections.Counter) -> Any:
     return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
 
 
+def _stack() -> str:
+    """What uvicorn runs on here: its "auto" loop and HTTP parser take uvloop and httptools
+    where they are installed (the [server] extra installs both)."""
+    import importlib.util
+
+    import uvicorn
+
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"uvicorn {uvicorn.__version__}, loop {loop}, http {http}"
+
+
 def _passthrough_app(upstream_url: str) -> Any:
     """The bare hop: the proxy's stack (Starlette, uvicorn, ``Upstream``) with no guard."""
     from starlette.applications import Starlette
@@ -125,10 +137,15 @@ async def _load(url: str, prompts: Sequence[str], concurrency: int,
     errors: collections.Counter = collections.Counter()
     latencies: list[float] = []
     queue = list(enumerate(prompts))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits,
-                                 trust_env=False) as http:
-        async def worker() -> None:
+    # one client with one kept-alive connection per simulated caller, as independent apps are:
+    # one shared pool of ``concurrency`` connections costs the load generator O(connections)
+    # socket polls per request (httpcore's pool maintenance), which at concurrency 64 took
+    # more CPU than the proxy under test (profiled) and flattened every mode's throughput
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+
+    async def worker() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits,
+                                     trust_env=False) as http:
             while queue:
                 _, prompt = queue.pop(0)
                 body = {"model": "m", "messages": [{"role": "user", "content": prompt}],
@@ -156,9 +173,9 @@ async def _load(url: str, prompts: Sequence[str], concurrency: int,
                 elif status:
                     errors[f"HTTP {status}" + (" (wrong text)" if status == 200 else "")] += 1
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
     answers["__errors__"] = dict(errors)  # type: ignore[assignment]
     return latencies, wall, dict(answers)
 
@@ -179,7 +196,7 @@ def run(*, bundle: str | None = None, layers: int = 12, hidden: int = 768,
     from .bench import _base_sized_bundle, _machine
 
     tmp = Path(tempfile.mkdtemp(prefix="guardmerge-bench-serve-"))
-    results: dict[str, Any] = {"machine": _machine(), "cells": []}
+    results: dict[str, Any] = {"machine": _machine(), "server": _stack(), "cells": []}
     try:
         if bundle == "trivial":  # a model-free classifier: what the proxy itself costs
             from ..classifier import FunctionClassifier
@@ -216,6 +233,7 @@ def run(*, bundle: str | None = None, layers: int = 12, hidden: int = 768,
         print(f"# guard: {described}, dtype {dtype}; upstream: in-process, fixed latency "
               f"{latency_ms:g} ms; prompts of {words} words, unique; each request = prompt "
               "check + upstream + response check")
+        print(f"# server: {results['server']}")
         print(f"{'mode':<12} {'conc':>4} {'stream':>6} {'n':>4} {'p50 ms':>8} {'p99 ms':>8} "
               f"{'req/s':>7} {'+p50 ms':>8} {'+p99 ms':>8} {'model ms':>8} {'checks/b':>8} "
               f"{'win/b':>6} {'ok':>4}")
