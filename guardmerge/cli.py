@@ -175,6 +175,9 @@ def _build_parser() -> argparse.ArgumentParser:
     bv.add_argument("--latency-ms", type=float, default=50.0,
                     help="the fake upstream's fixed latency")
     bv.add_argument("--words", type=int, default=24, help="words per prompt")
+    bv.add_argument("--gap-ms", type=float, default=0.0,
+                    help="pause between the fake upstream's streamed chunks, as a model "
+                         "generating tokens pauses (default 0: all chunks at once)")
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible guard proxy (the [server] extra)",
                         description="Serve an OpenAI-compatible proxy that guards every call "
@@ -489,7 +492,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.bench_command == "serve":
         _bench.serve(bundle=args.bundle, layers=args.layers, hidden=args.hidden,
                      dtype=args.dtype, concurrency=[int(c) for c in args.concurrency.split(",")],
-                     requests=args.requests, latency_ms=args.latency_ms, words=args.words)
+                     requests=args.requests, latency_ms=args.latency_ms, words=args.words,
+                     gap_ms=args.gap_ms)
         return EXIT_OK
     if args.bench_command == "merge":
         _bench.merge(layers=args.layers, hidden=args.hidden, methods=args.methods.split(","),

@@ -17,3 +17,14 @@ def test_bench_serve_runs_every_mode_and_loses_nothing(capsys):
         assert abs(split["added"] - split["model"] - split["hop"] - split["rest"]) < 1e-9
     out = capsys.readouterr().out
     assert "pass-through" in out and "the bare hop (pass-through, no guard)" in out
+
+
+def test_bench_serve_spaces_streamed_chunks_when_asked(capsys):
+    results = serve_bench.run(bundle="trivial", concurrency=(1,), requests=2, latency_ms=0,
+                              gap_ms=20)
+    streamed = [c for c in results["cells"] if c["stream"]]
+    # the fake upstream streams 8 pieces of its reply (then the finish chunk): 7 gaps of 20 ms
+    assert streamed and all(c["p50_ms"] >= 7 * 20 for c in streamed)
+    assert all(c["p50_ms"] < 100 for c in results["cells"] if not c["stream"])
+    assert all(c["lost"] == 0 and c["answered_twice"] == 0 for c in results["cells"])
+    assert "streamed chunks 20 ms apart" in capsys.readouterr().out

@@ -39,7 +39,7 @@ output:
 """
 
 
-def _upstream_app(latency: float, seen: collections.Counter) -> Any:
+def _upstream_app(latency: float, seen: collections.Counter, gap: float = 0.0) -> Any:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
@@ -63,7 +63,9 @@ def _upstream_app(latency: float, seen: collections.Counter) -> Any:
 
         async def events() -> Any:
             chunk = {**base, "object": "chat.completion.chunk"}
-            for piece in pieces:
+            for i, piece in enumerate(pieces):
+                if gap and i:
+                    await asyncio.sleep(gap)  # a model generating the next tokens
                 yield ("data: " + json.dumps({**chunk, "choices": [
                     {"index": 0, "delta": {"content": piece}, "finish_reason": None}]}) +
                        "\n\n").encode()
@@ -187,7 +189,7 @@ def _pct(values: Sequence[float], q: float) -> float:
 
 def run(*, bundle: str | None = None, layers: int = 12, hidden: int = 768,
         dtype: str = "float32", concurrency: Sequence[int] = (1, 8, 64), requests: int = 0,
-        latency_ms: float = 50.0, words: int = 24) -> dict[str, Any]:
+        latency_ms: float = 50.0, words: int = 24, gap_ms: float = 0.0) -> dict[str, Any]:
     from ..classifier import BundleClassifier
     from ..guard import Guard
     from ..policy import Policy
@@ -217,7 +219,7 @@ def run(*, bundle: str | None = None, layers: int = 12, hidden: int = 768,
             clf = BundleClassifier.from_pretrained(path, dtype=dtype, batch_size=64)
         policy = Policy.from_yaml(POLICY)
         seen: collections.Counter = collections.Counter()
-        upstream = BackgroundServer(_upstream_app(latency_ms / 1000, seen),
+        upstream = BackgroundServer(_upstream_app(latency_ms / 1000, seen, gap_ms / 1000),
                                     wait_ready=False).start()
         proxies = {}
         bare = BackgroundServer(_passthrough_app(upstream.url + "/v1"), wait_ready=False).start()
@@ -230,9 +232,10 @@ def run(*, bundle: str | None = None, layers: int = 12, hidden: int = 768,
             proxies[label] = (BackgroundServer(app).start(), app.state.guardmerge)
         vocab = bert_base_vocab()[:5000]
         print(f"# guardmerge bench serve: {results['machine']}")
+        gap = f", then streamed chunks {gap_ms:g} ms apart" if gap_ms else ""
         print(f"# guard: {described}, dtype {dtype}; upstream: in-process, fixed latency "
-              f"{latency_ms:g} ms; prompts of {words} words, unique; each request = prompt "
-              "check + upstream + response check")
+              f"{latency_ms:g} ms{gap}; prompts of {words} words, unique; each request = "
+              "prompt check + upstream + response check")
         print(f"# server: {results['server']}")
         print(f"{'mode':<12} {'conc':>4} {'stream':>6} {'n':>4} {'p50 ms':>8} {'p99 ms':>8} "
               f"{'req/s':>7} {'+p50 ms':>8} {'+p99 ms':>8} {'model ms':>8} {'checks/b':>8} "
