@@ -80,7 +80,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add_options(m, MergeOptions)
 
     d = sub.add_parser("distill", help="train a merged bundle to match every source model on "
-                       "unlabelled texts (multi-teacher distillation)")
+                       "texts (multi-teacher distillation; optionally also their labels)")
     d.add_argument("bundle", help="merged bundle (its manifest names the sources)")
     d.add_argument("--texts", nargs="+", required=True, metavar="FILE",
                    help="texts: JSONL (text, optional head; a label too for "

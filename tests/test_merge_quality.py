@@ -328,8 +328,18 @@ def test_distillation_with_labels_fits_them_and_without_ignores_them(family, tmp
     kw = dict(epochs=16, lr=2e-3, batch_size=16, max_length=32, dtype="float32",
               cache=str(tmp_path / "cache"), progress=False)
     short = {**kw, "steps": 3}
-    assert _sha(distill(merged, [labelled_file], tmp_path / "p3", **short)) == \
-        _sha(distill(merged, [plain_file], tmp_path / "s3", **short))  # weight 0: labels unused
+    # weight 0: labels are not even read (a label no head has is no error) and change nothing
+    odd = {"text": "an odd row", "head": "a"}
+    with_bad = tmp_path / "with-bad.jsonl"
+    with_bad.write_text(labelled_file.read_text() + json.dumps({**odd, "label": "zzz"}) + "\n")
+    without = tmp_path / "without.jsonl"
+    without.write_text(plain_file.read_text() + json.dumps(odd) + "\n")
+    assert _sha(distill(merged, [with_bad], tmp_path / "p3", **short)) == \
+        _sha(distill(merged, [without], tmp_path / "s3", **short))
+    with pytest.raises(DataError, match=r"with-bad.jsonl:81: head 'a' has no label 'zzz'"):
+        distill(merged, [with_bad], tmp_path / "bad", label_weight=1.0, **short)
+    with pytest.raises(ConfigError, match="no text among the 2 kept by limit=2 in"):
+        distill(merged, [plain_file], tmp_path / "lim", label_weight=1.0, limit=2, **short)
     pure = distill(merged, [labelled_file], tmp_path / "pure", **kw)
     supervised = distill(merged, [labelled_file], tmp_path / "sup", label_weight=5.0, **kw)
     assert _label_ce(supervised, rows) < 0.6 * _label_ce(pure, rows)
@@ -338,7 +348,8 @@ def test_distillation_with_labels_fits_them_and_without_ignores_them(family, tmp
     assert record["texts"]["labelled"] == 60 and len(record["texts"]["labels_sha256"]) == 64
     first, last = record["mean_ce_first_epoch"], record["mean_ce_last_epoch"]
     assert set(first) == {"a", "b"} and all(last[h] < first[h] for h in first)
-    assert "labelled" not in json.loads((pure / "guardmerge.json").read_text())["distillation"]["texts"]
+    pure_record = json.loads((pure / "guardmerge.json").read_text())["distillation"]
+    assert "labelled" not in pure_record["texts"]
     # no label anywhere: asking for the supervised term is an error, not a silent no-op
     with pytest.raises(ConfigError, match="no text .* has a label"):
         distill(merged, [plain_file], tmp_path / "none", label_weight=1.0, **kw)
@@ -364,12 +375,14 @@ def test_distillation_label_rows_are_checked_with_file_and_line(tmp_path):
         {"text": "five", "head": "topics", "label": ["a"]},
         {"text": "five", "head": "topics", "label": "c"},             # merged with line 6
         {"text": "six", "head": "topics", "label": []},               # none of its labels
+        {"text": "seven", "head": ["tox"], "label": "ok"},            # a head must be a name
     ]) + "\n")
     with pytest.raises(DataError) as err:
         load_calibration(f, labels=heads)
     msg = str(err.value)
     for where, what in ((2, "needs the row's head"), (3, "has no label 'worse'"),
-                        (4, "single-label"), (5, f"{f}:1 labels the same text 'bad'")):
+                        (4, "single-label"), (5, f"{f}:1 labels the same text 'bad'"),
+                        (9, "head must be a head's name, got ['tox']")):
         assert f"{f}:{where}: " in msg and what in msg, (where, msg)
     assert f"{f}:6" not in msg and f"{f}:7" not in msg and f"{f}:8" not in msg
     # the good rows alone; labels are ignored where not asked for
@@ -384,11 +397,12 @@ def test_distillation_label_rows_are_checked_with_file_and_line(tmp_path):
 
     targets = _label_targets(heads, cal.labels)
     order = list(cal.texts)
-    y, mask = targets["topics"]
+    head, y, mask = targets["topics"]
+    assert head is heads[1]
     assert mask.tolist() == [t != "one" for t in order]
     assert y[order.index("five")].tolist() == [1.0, 0.0, 1.0] and y[order.index("six")].sum() == 0
     z = torch.tensor([[0.5, -0.5, 1.0, -1.0, 2.0]] * 3)
-    total, parts = _supervised(z, [0, 1, 2], {h.name: h for h in heads}, targets)
+    total, parts = _supervised(z, [0, 1, 2], targets)
     ce_tox = torch.log1p(torch.exp(torch.tensor(1.0)))  # -log softmax([0.5, -0.5])[1]
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     topic_sum = sum(float(bce(z[0, 2:], y[order.index(t)], reduction="sum"))

@@ -56,7 +56,7 @@ class CalibrationSet:
         """A hash of the labels in text order (texts and heads are in ``sha256``)."""
         digest = hashlib.sha256()
         for text, lab in zip(self.texts, self.labels):
-            digest.update(_field(text))
+            digest.update(_field(text) + len(lab).to_bytes(8, "little"))
             for head in sorted(lab):
                 value = lab[head]
                 names = value if isinstance(value, tuple) else (value,)
@@ -161,6 +161,9 @@ def load_calibration(paths: Sequence[str | os.PathLike[str]] | str | os.PathLike
                 head = row.get("head")
                 if head in ("", None):
                     head = None
+                elif not isinstance(head, str):
+                    problems.append(f"{where}: head must be a head's name, got {head!r}")
+                    continue
                 elif known is not None and head not in known:
                     problems.append(f"{where}: unknown head {head!r} (the recipe's heads: "
                                     f"{', '.join(sorted(known))})")

@@ -128,15 +128,17 @@ def _lr_lambda(total: int, warmup: int):
 def distill(bundle: str | os.PathLike[str], texts: Sequence[str | os.PathLike[str]],
             output: str | os.PathLike[str], options: DistillOptions | None = None, *,
             sources: Mapping[str, str] | None = None, **overrides: Any) -> Path:
-    """Distil every source into the merged ``bundle`` on the unlabelled ``texts`` (files, as for
-    calibration); write the trained bundle to ``output``. ``options`` (``DistillOptions``) or
-    its fields as keywords. Returns the output path."""
+    """Distil every source into the merged ``bundle`` on the ``texts`` (files, as for
+    calibration; their labels are read only with ``label_weight`` > 0); write the trained
+    bundle to ``output``. ``options`` (``DistillOptions``) or its fields as keywords. Returns
+    the output path."""
     opts = replace(options or DistillOptions(), **overrides)
     info = inspect_bundle(bundle)
     data = load_calibration(texts, limit=opts.limit, heads=[h.name for h in info.heads],
                             labels=info.heads if opts.label_weight else None)
     if opts.label_weight and not data.labelled:
-        raise ConfigError(f"label_weight is {opts.label_weight:g} but no text in "
+        kept = f" among the {data.size} kept by limit={opts.limit}" if opts.limit else ""
+        raise ConfigError(f"label_weight is {opts.label_weight:g} but no text{kept} in "
                           f"{', '.join(data.files)} has a label (rows need a head and a label)")
     corpus = list(data.texts)
     teachers = teachers_for(info.heads, sources)
@@ -193,9 +195,10 @@ def _epoch_batches(lengths: list[int], batch_size: int, gen: torch.Generator,
 
 
 def _label_targets(heads: Sequence[Head], labels: Sequence[Mapping[str, Any]]
-                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per head with at least one label: (targets, mask) over the texts. A single-label head's
-    targets are class indices; a multi-label head's a 0 / 1 matrix. ``mask``: labelled texts."""
+                   ) -> dict[str, tuple[Head, torch.Tensor, torch.Tensor]]:
+    """Per head with at least one label: (head, targets, mask) over the texts. A single-label
+    head's targets are class indices; a multi-label head's a 0 / 1 matrix. ``mask``: labelled
+    texts."""
     out = {}
     for h in heads:
         mask = torch.tensor([h.name in lab for lab in labels], dtype=torch.bool)
@@ -209,23 +212,22 @@ def _label_targets(heads: Sequence[Head], labels: Sequence[Mapping[str, Any]]
         else:
             y = torch.tensor([h.labels.index(lab[h.name]) if h.name in lab else 0
                               for lab in labels], dtype=torch.long)
-        out[h.name] = (y, mask)
+        out[h.name] = (h, y, mask)
     return out
 
 
-def _supervised(logits: torch.Tensor, idx: list[int], heads: Mapping[str, Head],
-                labelled: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+def _supervised(logits: torch.Tensor, idx: list[int],
+                labelled: Mapping[str, tuple[Head, torch.Tensor, torch.Tensor]]
                 ) -> tuple[torch.Tensor, dict[str, tuple[float, int]]]:
     """The batch's cross-entropy summed over its labelled (text, head) pairs, and per head
     (its sum, its pairs), for the running means."""
     total = torch.zeros(())
     parts = {}
     rows = torch.tensor(idx)
-    for name, (y, mask) in labelled.items():
+    for name, (h, y, mask) in labelled.items():
         keep = mask[rows]
         if not keep.any():
             continue
-        h = heads[name]
         z = logits[keep][:, h.offset:h.stop]
         target = y[rows][keep]
         if h.multi_label:
@@ -239,14 +241,13 @@ def _supervised(logits: torch.Tensor, idx: list[int], heads: Mapping[str, Head],
 
 def _train(model: Any, tokenizer: Any, texts: list[str],
            targets: list[tuple[Head, torch.Tensor]], opts: DistillOptions,
-           labelled: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+           labelled: Mapping[str, tuple[Head, torch.Tensor, torch.Tensor]] | None = None
            ) -> dict[str, Any]:
     """The training loop; returns what the manifest records: steps, seconds, and per head the
     mean KL to its teacher during the first and the last epoch (running means while training),
     and with labels (``labelled``: from ``_label_targets``) the mean cross-entropy per labelled
     pair likewise."""
     labelled = labelled or {}
-    by_name = {h.name: h for h, _ in targets}
     n = len(texts)
     per_epoch = math.ceil(n / opts.batch_size)
     total = min(opts.steps, per_epoch * opts.epochs) if opts.steps else per_epoch * opts.epochs
@@ -288,7 +289,7 @@ def _train(model: Any, tokenizer: Any, texts: list[str],
                     kl_sum[h.name] += float(kl.detach()) * len(idx)
                     loss = loss + t2 * kl
                 if labelled:
-                    ce, parts = _supervised(logits, idx, by_name, labelled)
+                    ce, parts = _supervised(logits, idx, labelled)
                     pairs = sum(count for _, count in parts.values())
                     if pairs:
                         loss = loss + opts.label_weight * ce / pairs

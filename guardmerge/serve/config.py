@@ -78,7 +78,8 @@ class ServeOptions:
                                          "included (default: the policy's timeout, else 10)")
     upstream_timeout: float = option(600.0, "seconds to wait for upstream data (read timeout)")
     upstream_connect_timeout: float = option(5.0, "seconds to connect to the upstream")
-    upstream_max_connections: int = option(256, "connections in the upstream pool")
+    upstream_max_connections: int = option(256, "connections to the upstream (one client, in pools "
+                                           "of at most 16)")
     log_level: Literal["debug", "info", "warning", "error"] = option(
         "info", "log level of the proxy's own loggers")
     cache_size: int = option(1024, "texts whose scores the shared history cache keeps "

@@ -238,10 +238,11 @@ def build_guards(out: str | Path = ".guardmerge-cache/guards", *, scale: float =
     from .. import __version__
 
     settings = {"trials": search_trials, "distill": [distill_epochs, distill_lr],
-                "label_distill": list(label_distill) if label_distill else None,
                 "refit_texts": refit_texts, "extra": _key(list(extra_texts)),
                 "max_length": max_length, "plain": PLAIN_CANDIDATES,
                 "calibrated": CALIBRATED_CANDIDATES, "guardmerge": __version__}
+    if label_distill:  # (only when set: caches built without it stay valid)
+        settings["label_distill"] = list(label_distill)
     fingerprint = _key({"base": str(base), "data": {split: _key(path.read_text())
                                                     for split, path in files.items()},
                         "epochs": epochs, **settings})

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import shutil
+import ssl
 import tempfile
 import time
 from pathlib import Path
@@ -80,7 +82,7 @@ def _upstream_app(latency: float, seen: collections.Counter, gap: float = 0.0) -
 
 def _stack() -> str:
     """What uvicorn runs on here: its "auto" loop and HTTP parser take uvloop and httptools
-    where they are installed (the [server] extra installs both)."""
+    where they are installed (the [server] extra installs neither: they did not help here)."""
     import importlib.util
 
     import uvicorn
@@ -139,45 +141,50 @@ async def _load(url: str, prompts: Sequence[str], concurrency: int,
     errors: collections.Counter = collections.Counter()
     latencies: list[float] = []
     queue = list(enumerate(prompts))
-    # one client with one kept-alive connection per simulated caller, as independent apps are:
+    # One client with one kept-alive connection per simulated caller, as independent apps are:
     # one shared pool of ``concurrency`` connections costs the load generator O(connections)
-    # socket polls per request (httpcore's pool maintenance), which at concurrency 64 took
-    # more CPU than the proxy under test (profiled) and flattened every mode's throughput
+    # socket polls per request (httpcore's pool upkeep), which at concurrency 64 took more CPU
+    # than the proxy's own upstream client (profiled) and flattened every mode's throughput.
+    # The clients are made before the clock starts and share one TLS context: each would
+    # otherwise build its own from the CA bundle (~17 ms apiece here, on the event loop).
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    tls = ssl.create_default_context()
 
-    async def worker() -> None:
-        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits,
-                                     trust_env=False) as http:
-            while queue:
-                _, prompt = queue.pop(0)
-                body = {"model": "m", "messages": [{"role": "user", "content": prompt}],
-                        "stream": stream}
-                t = time.perf_counter()
-                text, status = "", 0
-                try:
-                    if stream:
-                        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
-                            async for line in r.aiter_lines():
-                                if line.startswith("data: ") and line != "data: [DONE]":
-                                    choices = json.loads(line[6:]).get("choices") or [{}]
-                                    text += choices[0].get("delta", {}).get("content") or ""
-                        status = r.status_code
-                    else:
-                        r = await http.post("/v1/chat/completions", json=body)
-                        status = r.status_code
-                        text = r.json()["choices"][0]["message"]["content"] \
-                            if status == 200 else ""
-                except httpx.HTTPError as exc:
-                    errors[type(exc).__name__] += 1
-                latencies.append(time.perf_counter() - t)
-                if status == 200 and text == f"You said: {prompt}":
-                    answers[prompt.split(" ", 1)[0]] += 1
-                elif status:
-                    errors[f"HTTP {status}" + (" (wrong text)" if status == 200 else "")] += 1
+    async def worker(http: httpx.AsyncClient) -> None:
+        while queue:
+            _, prompt = queue.pop(0)
+            body = {"model": "m", "messages": [{"role": "user", "content": prompt}],
+                    "stream": stream}
+            t = time.perf_counter()
+            text, status = "", 0
+            try:
+                if stream:
+                    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: ") and line != "data: [DONE]":
+                                choices = json.loads(line[6:]).get("choices") or [{}]
+                                text += choices[0].get("delta", {}).get("content") or ""
+                    status = r.status_code
+                else:
+                    r = await http.post("/v1/chat/completions", json=body)
+                    status = r.status_code
+                    text = r.json()["choices"][0]["message"]["content"] \
+                        if status == 200 else ""
+            except httpx.HTTPError as exc:
+                errors[type(exc).__name__] += 1
+            latencies.append(time.perf_counter() - t)
+            if status == 200 and text == f"You said: {prompt}":
+                answers[prompt.split(" ", 1)[0]] += 1
+            elif status:
+                errors[f"HTTP {status}" + (" (wrong text)" if status == 200 else "")] += 1
 
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - start
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(httpx.AsyncClient(
+            base_url=url, timeout=120, limits=limits, trust_env=False, verify=tls))
+            for _ in range(concurrency)]
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(http) for http in clients))
+        wall = time.perf_counter() - start
     answers["__errors__"] = dict(errors)  # type: ignore[assignment]
     return latencies, wall, dict(answers)
 
