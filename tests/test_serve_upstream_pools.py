@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 
 import httpx
 import pytest
@@ -80,3 +81,68 @@ def test_a_failed_request_gives_its_slot_back():
         assert shards.in_flight == [0]
 
     asyncio.run(run())
+
+
+def test_at_saturation_a_request_takes_the_first_connection_that_comes_free():
+    """Two pools of one: a long stream holds pool 0; a short call and a third, queued call
+    both finish while the stream is still open (the third waits for the short call's slot,
+    not behind the stream), and a call that cannot get a slot within its pool timeout fails."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "one two three four five"}]}
+
+    async def run(url: str) -> None:
+        shards = Shards(2, per_pool=1)
+        async with httpx.AsyncClient(base_url=url, transport=shards,
+                                     timeout=httpx.Timeout(10, pool=5)) as client:
+            async with client.stream("POST", "/chat/completions",
+                                     json={**body, "stream": True}) as long:  # ~1 s of chunks
+                assert shards.in_flight == [1, 0]
+                t = time.perf_counter()
+                short, third = await asyncio.gather(
+                    client.post("/chat/completions", json=body),
+                    client.post("/chat/completions", json=body))
+                assert short.status_code == third.status_code == 200
+                assert time.perf_counter() - t < 0.5 and not long.is_closed
+                assert shards.in_flight == [1, 0]
+                # every slot taken: a call with a short pool timeout gets PoolTimeout
+                async with client.stream("POST", "/chat/completions",
+                                         json={**body, "stream": True}):
+                    assert shards.in_flight == [1, 1]
+                    with pytest.raises(httpx.PoolTimeout):
+                        await client.post("/chat/completions", json=body,
+                                          timeout=httpx.Timeout(10, pool=0.05))
+                assert shards.in_flight == [1, 0]
+                await long.aread()
+        assert shards.in_flight == [0, 0] and not shards._slots.locked()
+
+    with BackgroundServer(_upstream_app(0.0, collections.Counter(), gap=0.25),
+                          wait_ready=False) as srv:
+        asyncio.run(run(srv.url + "/v1"))
+
+
+def test_a_response_gives_its_slot_back_once_and_tls_is_httpx_own():
+    calls = []
+
+    class Body(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            yield b"x"
+
+        async def aclose(self) -> None:
+            calls.append("closed")
+
+    from guardmerge.serve.upstream import _Counted
+
+    counted = _Counted(Body(), lambda: calls.append("done"))
+
+    async def close_twice() -> None:
+        await counted.aclose()
+        await counted.aclose()
+
+    asyncio.run(close_twice())
+    assert calls == ["closed", "done", "closed"]
+    # the pools verify as httpx's own default client does (certifi's CA bundle)
+    shards = Shards(20)
+    ctx = shards.pools[0]._pool._ssl_context
+    assert ctx is shards.pools[1]._pool._ssl_context
+    assert ctx.verify_mode.name == "CERT_REQUIRED" and ctx.check_hostname
+    expected = httpx.create_ssl_context(verify=True, trust_env=False)
+    assert len(ctx.get_ca_certs()) == len(expected.get_ca_certs()) > 0

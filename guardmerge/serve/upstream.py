@@ -19,9 +19,9 @@ connections.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
-import ssl
 import time
 from typing import Any, AsyncIterator, Mapping
 
@@ -126,40 +126,81 @@ class _Counted(httpx.AsyncByteStream):
 
 
 class Shards(httpx.AsyncBaseTransport):
-    """``max_connections`` split over pools of at most ``per_pool`` (``httpx`` transports);
-    each request goes to the pool with the fewest requests in flight (the first on a tie)."""
+    """``max_connections`` split over pools of at most ``per_pool`` (``httpx`` transports).
+    A request waits (up to its pool timeout) until fewer than ``max_connections`` are in
+    flight, then goes to the pool with the fewest in flight that has room (the first on a
+    tie); closing its response gives the slot back. One event loop, as httpcore's pool."""
 
     def __init__(self, max_connections: int, per_pool: int = SHARD_CONNECTIONS) -> None:
         if max_connections < 1 or per_pool < 1:
             raise ValueError("max_connections and per_pool must be >= 1")
         n = math.ceil(max_connections / per_pool)
         sizes = [max_connections // n + (i < max_connections % n) for i in range(n)]
-        tls = ssl.create_default_context()  # one for all pools (each costs ~17 ms to build)
+        # one for all pools (each costs ~17 ms to build), made as httpx makes its own
+        tls = httpx.create_ssl_context(verify=True, trust_env=False)
         self.pools = [httpx.AsyncHTTPTransport(verify=tls, trust_env=False, limits=httpx.Limits(
             max_connections=size, max_keepalive_connections=size)) for size in sizes]
         self.sizes = sizes
         self.in_flight = [0] * n
+        self._slots = asyncio.Semaphore(max_connections)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        i = min(range(len(self.pools)), key=self.in_flight.__getitem__)
+        if self._slots.locked():
+            await self._wait_for_slot(request)
+        else:
+            await self._slots.acquire()  # a slot is free: returns at once
+        i = min((k for k in range(len(self.pools)) if self.in_flight[k] < self.sizes[k]),
+                key=self.in_flight.__getitem__)
         self.in_flight[i] += 1
 
         def done() -> None:
             self.in_flight[i] -= 1
+            self._slots.release()
 
         try:
             response = await self.pools[i].handle_async_request(request)
+            response.stream = _Counted(response.stream, done)  # type: ignore[arg-type]
         except BaseException:
             done()
             raise
-        assert isinstance(response.stream, httpx.AsyncByteStream)
-        return httpx.Response(response.status_code, headers=response.headers,
-                              stream=_Counted(response.stream, done),
-                              extensions=response.extensions)
+        return response
+
+    async def _wait_for_slot(self, request: httpx.Request) -> None:
+        """Wait for a slot up to the request's pool timeout (``httpx.PoolTimeout`` after). A
+        slot granted just as the wait ends (timeout or cancellation) is given back."""
+        wait = (request.extensions.get("timeout") or {}).get("pool")
+        task = asyncio.ensure_future(self._slots.acquire())
+        try:
+            await asyncio.wait({task}, timeout=wait)
+        except BaseException:
+            self._abandon(task)
+            raise
+        if task.done() and not task.cancelled() and task.exception() is None:
+            return
+        self._abandon(task)
+        raise httpx.PoolTimeout("no upstream connection came free within the pool timeout",
+                                request=request)
+
+    def _abandon(self, task: "asyncio.Future[Any]") -> None:
+        def give_back(t: "asyncio.Future[Any]") -> None:
+            if not t.cancelled() and t.exception() is None:
+                self._slots.release()
+
+        if task.done():
+            give_back(task)
+        else:
+            task.cancel()
+            task.add_done_callback(give_back)
 
     async def aclose(self) -> None:
+        errors = []
         for pool in self.pools:
-            await pool.aclose()
+            try:
+                await pool.aclose()
+            except Exception as exc:  # close every pool, then report the first failure
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
 
 class Upstream:
@@ -174,7 +215,8 @@ class Upstream:
         self.metrics = metrics
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
-            transport=transport or Shards(max_connections), follow_redirects=False,
+            transport=Shards(max_connections) if transport is None else transport,
+            follow_redirects=False,
             trust_env=False)
 
     def _url(self, path: str) -> str:
