@@ -259,29 +259,41 @@ class AsyncGuardedStream:
         self._machine = core.machine(api)
         #: ``grouped``: yield lists, each the items released together (the proxy writes each
         #: list in one send: held-back events released by a check leave in one TCP write)
-        self._iter = self._run(grouped)
+        self._iter = self._run() if grouped else self._items(self._run())
         self.response = _StreamCloser(self)
 
     @property
     def verdict(self) -> Verdict | None:
         return self._machine.verdict
 
-    async def _run(self, grouped: bool) -> AsyncIterator[Any]:
+    async def _run(self) -> AsyncIterator[list[Any]]:
+        """The guarded stream as lists of the items released together."""
         machine = self._machine
         try:
             async for item in self._upstream:
                 machine.feed(item)
-                async for out in self._drain(grouped):
-                    yield out
+                async for group in self._drain():
+                    yield group
                 if machine.stopped:
                     return
             machine.finish()
-            async for out in self._drain(grouped):
-                yield out
+            async for group in self._drain():
+                yield group
         finally:
             await self._close_upstream()
 
-    async def _drain(self, grouped: bool) -> AsyncIterator[Any]:
+    @staticmethod
+    async def _items(groups: AsyncIterator[list[Any]]) -> AsyncIterator[Any]:
+        """One item at a time (what the library wrapper's callers iterate)."""
+        try:
+            async for group in groups:
+                for item in group:
+                    yield item
+        finally:
+            await groups.aclose()  # type: ignore[attr-defined]
+
+    async def _drain(self) -> AsyncIterator[list[Any]]:
+        """The items the machine releases, as lists (those released together; never empty)."""
         machine, core = self._machine, self._core
         while True:
             event = machine.next_event()
@@ -292,21 +304,13 @@ class AsyncGuardedStream:
                     result = exc
                 core.note(machine.checked_result(result))
             elif isinstance(event, Emit):
-                if grouped:
-                    if event.items:
-                        yield list(event.items)
-                else:
-                    for item in event.items:
-                        yield item
+                if event.items:
+                    yield list(event.items)
             elif isinstance(event, Blocked):
                 await self._close_upstream()
                 if core.on_block == "raise" or not event.tail:
                     raise ResponseBlockedError(event.verdict)
-                if grouped:
-                    yield list(event.tail)
-                else:
-                    for item in event.tail:
-                        yield item
+                yield list(event.tail)
                 return
             else:
                 assert event in (NEED_DATA, DONE)

@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 from ..exceptions import DataError
 from ..labels import Head
-from .evaluation import Example, check_examples, read_rows
+from .evaluation import Example, check_examples, parse_label, read_rows
 
 __all__ = ["CalibrationSet", "load_calibration"]
 
@@ -193,7 +193,7 @@ def load_calibration(paths: Sequence[str | os.PathLike[str]] | str | os.PathLike
                           files=tuple(files), labels=kept)
 
 
-def _label(value: object, head: object, by_name: Mapping[str, Head], path: Path, line: int,
+def _label(value: object, head: str | None, by_name: Mapping[str, Head], path: Path, line: int,
            seen: dict[str, tuple[str | tuple[str, ...], str]]) -> str | None:
     """Check one row's label and record it in ``seen`` (head -> (label, where)); returns the
     problem, if any. A multi-label head's label is always a tuple (one name counts as a list of
@@ -201,24 +201,21 @@ def _label(value: object, head: object, by_name: Mapping[str, Head], path: Path,
     where = f"{path}:{line}"
     if head is None:
         return f"{where}: a label needs the row's head (which head is {value!r} a label of?)"
-    if isinstance(value, list):
-        if not all(isinstance(x, str) and x for x in value):
-            return f"{where}: label: a list must hold label names"
-        label: str | tuple[str, ...] = tuple(sorted(set(value)))
-    else:
-        label = str(value)
-    bad = check_examples([Example(text="-", head=str(head), label=label, source=str(path),
+    label = parse_label(value)
+    if label is None:
+        return f"{where}: label: a list must hold label names"
+    bad = check_examples([Example(text="-", head=head, label=label, source=str(path),
                                   line=line)], list(by_name.values()))
     if bad:
         return bad[0]
-    before = seen.get(str(head))
-    if by_name[str(head)].multi_label:
+    before = seen.get(head)
+    if by_name[head].multi_label:
         names = set(label if isinstance(label, tuple) else (label,))
         if before is not None:
             names |= set(before[0])
-        seen[str(head)] = (tuple(sorted(names)), before[1] if before else where)
+        seen[head] = (tuple(sorted(names)), before[1] if before else where)
     elif before is None:
-        seen[str(head)] = (label, where)
+        seen[head] = (label, where)
     elif before[0] != label:
         return (f"{where}: label {label!r} for head {head!r}, but {before[1]} labels the same "
                 f"text {before[0]!r}")

@@ -101,12 +101,10 @@ def load_examples(paths: Sequence[str | os.PathLike[str]], *, heads: Sequence[He
             if missing:
                 problems.append(f"{where}: missing or empty {', '.join(sorted(set(missing)))}")
                 continue
-            label: str | tuple[str, ...] = str(row["label"])
-            if isinstance(row["label"], list):  # a multi-label head's labels (maybe none)
-                if not all(isinstance(x, str) and x for x in row["label"]):
-                    problems.append(f"{where}: label: a list must hold label names")
-                    continue
-                label = tuple(sorted(set(row["label"])))
+            label = parse_label(row["label"])
+            if label is None:
+                problems.append(f"{where}: label: a list must hold label names")
+                continue
             examples.append(Example(text=str(row["text"]), head=str(row["head"]),
                                     label=label, source=str(path), line=line))
     if heads is not None:
@@ -123,6 +121,16 @@ def load_examples(paths: Sequence[str | os.PathLike[str]], *, heads: Sequence[He
     if not examples:
         raise DataError(f"no usable examples in {', '.join(str(p) for p in paths)}")
     return examples
+
+
+def parse_label(value: Any) -> str | tuple[str, ...] | None:
+    """A row's ``label`` field: one name, or a multi-label head's list of names (maybe none;
+    sorted, once each); None for a list that holds anything but names."""
+    if isinstance(value, list):
+        if not all(isinstance(x, str) and x for x in value):
+            return None
+        return tuple(sorted(set(value)))
+    return str(value)
 
 
 def check_examples(examples: Sequence[Example], heads: Sequence[Head]) -> list[str]:

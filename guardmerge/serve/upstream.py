@@ -13,8 +13,8 @@ the client's transport): httpcore's pool does work in proportion to its connecti
 request and every response close (it polls each idle socket), and at 64 concurrent requests
 one pool of 64 held a bare relay to ~95 req/s where 16-connection pools gave ~290 (measured
 with ``guardmerge bench serve``'s load generator). A request goes to the pool with the fewest
-requests in flight (the first on a tie), so light traffic keeps reusing the first pool's
-connections.
+requests in flight that has room (the first on a tie), so light traffic keeps reusing the
+first pool's connections; when every connection is busy it waits for the first to come free.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ class Shards(httpx.AsyncBaseTransport):
         except BaseException:
             self._abandon(task)
             raise
-        if task.done() and not task.cancelled() and task.exception() is None:
+        if task.done():  # acquired (nothing else cancels it; acquire raises nothing else)
             return
         self._abandon(task)
         raise httpx.PoolTimeout("no upstream connection came free within the pool timeout",

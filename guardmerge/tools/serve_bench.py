@@ -23,7 +23,6 @@ import collections
 import contextlib
 import json
 import shutil
-import ssl
 import tempfile
 import time
 from pathlib import Path
@@ -148,7 +147,7 @@ async def _load(url: str, prompts: Sequence[str], concurrency: int,
     # The clients are made before the clock starts and share one TLS context: each would
     # otherwise build its own from the CA bundle (~17 ms apiece here, on the event loop).
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    tls = ssl.create_default_context()
+    tls = httpx.create_ssl_context(verify=True, trust_env=False)
 
     async def worker(http: httpx.AsyncClient) -> None:
         while queue:
@@ -237,6 +236,10 @@ def run(*, bundle: str | None = None, layers: int = 12, hidden: int = 768,
             guard = Guard(clf, policy, cache_size=0)
             app = create_app(opts, guard=guard, environ={})
             proxies[label] = (BackgroundServer(app).start(), app.state.guardmerge)
+        # mode -> (its URL, the proxy's state for its batch statistics, or None)
+        targets = {"direct": (upstream.url, None), "pass-through": (bare.url, None),
+                   **{f"batching {label}": (server.url, state)
+                      for label, (server, state) in proxies.items()}}
         vocab = bert_base_vocab()[:5000]
         print(f"# guardmerge bench serve: {results['machine']}")
         gap = f", then streamed chunks {gap_ms:g} ms apart" if gap_ms else ""
@@ -252,16 +255,13 @@ def run(*, bundle: str | None = None, layers: int = 12, hidden: int = 768,
             for stream in (False, True):
                 n = requests or max(24, 4 * c)
                 direct = None
-                for mode in ("direct", "pass-through", "batching on", "batching off"):
+                for mode in targets:
                     prompts = []
                     for _ in range(n):
                         counter += 1
                         prompts.append(f"r{counter} " + random_text(words, seed=counter,
                                                                     words=vocab))
-                    url = upstream.url if mode == "direct" else bare.url \
-                        if mode == "pass-through" else proxies[mode.split()[1]][0].url
-                    state = proxies[mode.split()[1]][1] if mode.startswith("batching") \
-                        else None
+                    url, state = targets[mode]
                     # a short warm-up at this concurrency (not measured, not counted)
                     warm = [f"w{counter}-{i} hello" for i in range(min(c, 8))]
                     asyncio.run(_load(url, warm, min(c, 8), stream))
