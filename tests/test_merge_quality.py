@@ -114,6 +114,29 @@ def _agreement(f, bundle: Path) -> dict[str, float]:
     return out
 
 
+def test_batches_group_similar_lengths_and_every_row_goes_back_to_its_text(family):
+    from guardmerge.merge.activations import batches, head_features
+
+    model, tok = load_model(family["a"])
+    texts = [random_text(n, seed=n) for n in (3, 40, 7, 25, 3, 60, 12, 33, 5, 18)]
+    lengths = [len(tok(t, truncation=True, max_length=64)["input_ids"]) for t in texts]
+    seen, widths = [], []
+    for idx, enc in batches(tok, texts, max_length=64, batch_size=3):
+        seen += idx
+        widths.append(enc["input_ids"].shape[1])
+        assert enc["input_ids"].shape[1] == max(lengths[i] for i in idx)
+    assert sorted(seen) == list(range(len(texts)))
+    assert widths == sorted(widths, reverse=True)  # longest first: little padding
+    assert sum(w * 3 for w in widths) < sum(max(lengths[i:i + 3]) * 3 for i in range(0, 10, 3))
+    # each text's row is the one it gets scored alone, at its own index
+    alone = torch.cat([logits(model, tok, [t], max_length=64) for t in texts])
+    assert torch.allclose(logits(model, tok, texts, max_length=64, batch_size=3), alone,
+                          atol=1e-5)
+    feats = head_features(model, tok, texts, max_length=64, batch_size=3)[0]
+    one = torch.cat([head_features(model, tok, [t], max_length=64)[0] for t in texts])
+    assert torch.allclose(feats, one, atol=1e-5)
+
+
 def test_refit_recovers_heads_that_a_plain_merge_broke(family, tmp_path):
     owner = merge(_recipe(family, head_mode="owner"), tmp_path / "owner", progress=False)
     refit = merge(_recipe(family, head_mode="refit"), tmp_path / "refit", progress=False)

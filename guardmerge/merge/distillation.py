@@ -277,8 +277,9 @@ def _train(model: Any, tokenizer: Any, texts: list[str],
             for idx in _epoch_batches(lengths, opts.batch_size, gen):
                 if step >= total:
                     break
-                _, enc = next(batches(tokenizer, [texts[i] for i in idx],
-                                      max_length=opts.max_length, batch_size=len(idx)))
+                sub, enc = next(batches(tokenizer, [texts[i] for i in idx],
+                                        max_length=opts.max_length, batch_size=len(idx)))
+                idx = [idx[j] for j in sub]  # the encoded rows' order (longest first)
                 with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
                     logits = model(**enc).logits
                 logits = logits.float()
